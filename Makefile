@@ -1,0 +1,39 @@
+# Two commands do all set-up on a fresh machine:
+#   make run    install, then run one Tandem job on the default model (no servers)
+#   make test   install, then lint and run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+QUESTION ?= Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?
+PYTEST_ARGS ?=
+
+.PHONY: install run test test-fast lint bench deploy-check clean
+
+$(BIN)/tandem: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[dev]'
+	touch $(BIN)/tandem
+
+install: $(BIN)/tandem
+
+run: install
+	$(BIN)/tandem run "$(QUESTION)"
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/engine.py
+
+deploy-check:
+	bash scripts/deploy_check.sh
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache tandem.db

@@ -1,0 +1,369 @@
+"""/v1/batches: upload JSONL, read progress, stream results, cancel. The logic lives in
+services.batches; this module adapts it to HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from services import batches
+from services.api.auth import authenticate
+from services.api.docs import ERRORS, add_paths
+from services.api.jobs import _decode_cursor, _encode_cursor, _limit
+from services.api.problems import Problem
+from services.core.params import InvalidRequest
+from services.storage.db import transaction
+from services.storage.models import BATCH_STATUSES, Batch
+
+bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
+log = logging.getLogger("tandem.api.batches")
+
+CONTENT_TYPES = ("application/jsonl", "application/x-ndjson", "text/plain")
+ERRORS_SHOWN = 100  # invalid lines listed in a batch's JSON (all of them are in its results)
+RESULTS_FLUSH_BYTES = 64 * 1024
+
+
+def init_app(app: Flask) -> None:
+    app.config.setdefault("TANDEM_BATCH_LIMITS", batches.Limits())
+    app.register_blueprint(bp)
+
+
+def settings():
+    return current_app.config["TANDEM"]
+
+
+def start_feeding(app: Flask, batch_id: str) -> threading.Thread:
+    """Feed a new batch from this process at once (until the queues are full); the
+    reconciler's feeder tops it up from there."""
+    from services.broker import Broker
+
+    config = app.config["TANDEM"]
+    enqueue = app.extensions["tandem.enqueue"]
+    broker = Broker(config.redis_url, cache_s=0)
+    target = batches.feed_target(config)
+
+    def room() -> int:
+        return target - max(broker.depths().values(), default=0)
+
+    def run() -> None:
+        try:
+            batches.feed_batch(config.database_url, batch_id, enqueue, room, budget_s=600)
+        except Exception as error:  # the reconciler's feeder will carry on
+            log.warning("feeding batch %s stopped: %s", batch_id, error)
+
+    thread = threading.Thread(target=run, name=f"feed-{batch_id}", daemon=True)
+    thread.start()
+    return thread
+
+
+# --- views ------------------------------------------------------------------------------
+
+
+def batch_json(batch: Batch, progress: batches.Progress | None) -> dict[str, Any]:
+    counts = progress.counts if progress else None
+    errors = batch.errors or []
+    return {
+        "id": batch.id,
+        "object": "batch",
+        "status": batch.status,
+        "strategy": batch.strategy,
+        "params": batch.params,
+        "lines": {
+            "total": batch.total_lines,
+            "valid": batch.total_lines - batch.invalid_lines,
+            "invalid": batch.invalid_lines,
+        },
+        "request_counts": _request_counts(batch, counts),
+        "counts": counts,
+        "cost": progress.cost if progress else None,
+        "eta_s": progress.eta_s if progress else None,
+        "fed_through_line": batch.fed_through_line,
+        "input_bytes": batch.input_bytes,
+        "failure": (batch.metadata_ or {}).get("failure"),
+        "errors": errors[:ERRORS_SHOWN],
+        "errors_truncated": len(errors) > ERRORS_SHOWN,
+        "created_at": _iso(batch.created_at),
+        "started_at": _iso(batch.started_at),
+        "finished_at": _iso(batch.finished_at),
+        "cancelled_at": _iso(batch.cancelled_at),
+        "status_url": url_for("batches.get_batch", batch_id=batch.id),
+        "results_url": url_for("batches.batch_results", batch_id=batch.id),
+    }
+
+
+def _request_counts(batch: Batch, counts: dict[str, int] | None) -> dict[str, int] | None:
+    """OpenAI-style totals over all lines: invalid lines count as failed."""
+    if counts is None:
+        return None
+    return {
+        "total": batch.total_lines,
+        "completed": counts["succeeded"],
+        "failed": counts["failed"] + batch.invalid_lines,
+        "cancelled": counts["cancelled"],
+        "pending": counts["queued"] + counts["running"],
+    }
+
+
+def _iso(moment) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def owned(session: Session, batch_id: str, owner: str, lock: bool = False) -> Batch:
+    """The owner's batch, or 404 (another owner's batch looks exactly like a missing one)."""
+    batch = batches.owned_batch(session, batch_id, owner, lock=lock)
+    if batch is None:
+        raise Problem(404, f"no batch {batch_id[:40]}")
+    return batch
+
+
+def view(batch_id: str, owner: str) -> dict[str, Any]:
+    """The batch with its progress; a batch whose jobs are all final is finalized first."""
+    url = settings().database_url
+    with transaction(url) as session:
+        batch = owned(session, batch_id, owner)
+        progress = batches.progress(session, batch)
+        body = batch_json(batch, progress)
+    pending = progress.counts["queued"] + progress.counts["running"]
+    if batch.status in batches.ACTIVE and pending == 0 and batches.finalize_if_done(url, batch.id):
+        with transaction(url) as session:
+            batch = owned(session, batch_id, owner)
+            body = batch_json(batch, batches.progress(session, batch))
+    return body
+
+
+# --- endpoints --------------------------------------------------------------------------
+
+
+@bp.post("")
+def create_batch() -> tuple[Response, int, dict[str, str]]:
+    owner = authenticate()
+    if request.mimetype not in CONTENT_TYPES:
+        raise Problem(
+            415,
+            f"send the JSONL body with 'Content-Type: application/jsonl' "
+            f"(or {', '.join(CONTENT_TYPES[1:])})",
+        )
+    defaults = _defaults()
+    current_app.extensions["tandem.admission"].check(owner)
+    config = settings()
+    limits = current_app.config["TANDEM_BATCH_LIMITS"]
+    try:
+        batch = batches.ingest(
+            config.database_url,
+            owner,
+            request.stream,  # type: ignore[arg-type]
+            defaults,
+            config.max_question_chars,
+            limits,
+        )
+    except batches.BatchRejected as rejected:
+        raise Problem(
+            rejected.status,
+            rejected.reason,
+            batch_id=rejected.batch_id,
+            errors=rejected.errors[:20],
+        ) from None
+    start_feeding(current_app._get_current_object(), batch.id)  # type: ignore[attr-defined]
+    body = batch_json(batch, None)
+    return jsonify(body), 202, {"Location": body["status_url"]}
+
+
+def _defaults() -> batches.Defaults:
+    unknown = set(request.args) - {"strategy", "params"}
+    if unknown:
+        raise Problem(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    try:
+        return batches.parse_defaults(
+            request.args.get("strategy"),
+            request.args.get("params"),
+            settings().max_question_chars,
+        )
+    except InvalidRequest as error:
+        raise Problem(422, f"batch defaults: {error}") from None
+
+
+@bp.get("/<batch_id>")
+def get_batch(batch_id: str) -> Response:
+    return jsonify(view(batch_id, authenticate()))
+
+
+@bp.get("")
+def list_batches() -> Response:
+    owner = authenticate()
+    args = request.args
+    unknown = set(args) - {"status", "limit", "cursor"}
+    if unknown:
+        raise Problem(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    limit = _limit(args.get("limit", "20"))
+    query = select(Batch).where(Batch.owner == owner)
+    if status := args.get("status"):
+        if status not in BATCH_STATUSES:
+            raise Problem(400, f"status must be one of {', '.join(BATCH_STATUSES)}")
+        query = query.where(Batch.status == status)
+    if cursor := args.get("cursor"):
+        created, last_id = _decode_cursor(cursor)
+        query = query.where(
+            (Batch.created_at < created) | ((Batch.created_at == created) & (Batch.id < last_id))
+        )
+    query = query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
+    with transaction(settings().database_url) as session:
+        rows = list(session.scalars(query))
+        page = [batch_json(row, batches.progress(session, row)) for row in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = _encode_cursor(rows[limit - 1]) if more else None  # type: ignore[arg-type]
+    return jsonify({"object": "list", "data": page, "has_more": more, "next_cursor": next_cursor})
+
+
+@bp.get("/<batch_id>/results")
+def batch_results(batch_id: str) -> Response:
+    owner = authenticate()
+    url = settings().database_url
+    with transaction(url) as session:
+        batch = owned(session, batch_id, owner)
+        errors = list(batch.errors or [])
+        status = batch.status
+    lines = batches.results(url, batch.id, errors)
+    return Response(
+        _jsonl(lines),
+        mimetype="application/jsonl",
+        headers={"X-Batch-Status": status, "Cache-Control": "no-store"},
+    )
+
+
+def _jsonl(lines: Iterable[dict[str, Any]]) -> Iterator[bytes]:
+    buffer: list[str] = []
+    size = 0
+    for line in lines:
+        text = json.dumps(line, ensure_ascii=False) + "\n"
+        buffer.append(text)
+        size += len(text)
+        if size >= RESULTS_FLUSH_BYTES:
+            yield "".join(buffer).encode()
+            buffer, size = [], 0
+    if buffer:
+        yield "".join(buffer).encode()
+
+
+@bp.post("/<batch_id>/cancel")
+def cancel_batch(batch_id: str) -> Response:
+    owner = authenticate()
+    url = settings().database_url
+    with transaction(url) as session:
+        batch = owned(session, batch_id, owner, lock=True)
+        if batch.status == "validating":
+            raise Problem(409, "the batch is still being uploaded; cancel it once it is accepted")
+        batches.cancel(session, batch)
+    return jsonify(view(batch_id, owner))
+
+
+# --- OpenAPI ----------------------------------------------------------------------------
+
+_ID = {"name": "batch_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_BATCH = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Batch"}}}}
+_LINE = {
+    "type": "object",
+    "required": ["custom_id", "question"],
+    "additionalProperties": False,
+    "properties": {
+        "custom_id": {"type": "string", "minLength": 1, "maxLength": batches.MAX_CUSTOM_ID},
+        "question": {"type": "string", "minLength": 1},
+        "strategy": {"type": "string"},
+        "params": {"$ref": "#/components/schemas/JobParams"},
+    },
+    "description": "One line of a batch upload (JSONL: one such object per line).",
+}
+_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "object": {"type": "string", "enum": ["batch"]},
+        "status": {"type": "string", "enum": list(BATCH_STATUSES)},
+        "lines": {"type": "object"},
+        "request_counts": {"type": "object", "nullable": True},
+        "counts": {"type": "object", "nullable": True},
+        "cost": {"type": "object", "nullable": True},
+        "eta_s": {"type": "number", "nullable": True},
+        "errors": {"type": "array", "items": {"type": "object"}},
+        "results_url": {"type": "string"},
+    },
+}
+_UPLOAD = {
+    "required": True,
+    "content": {
+        kind: {"schema": {"type": "string", "description": "JSONL of BatchLine"}}
+        for kind in CONTENT_TYPES
+    },
+}
+
+add_paths(
+    {
+        "/v1/batches": {
+            "post": {
+                "summary": "Upload a JSONL batch of questions (one job per valid line)",
+                "parameters": [
+                    {"name": "strategy", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "params",
+                        "in": "query",
+                        "description": "Default job params for every line, as JSON",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "requestBody": _UPLOAD,
+                "responses": {"202": {"description": "accepted", **_BATCH}, **ERRORS},
+            },
+            "get": {
+                "summary": "List batches, newest first",
+                "parameters": [
+                    {"name": "status", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": {"description": "a page of batches"}, **ERRORS},
+            },
+        },
+        "/v1/batches/{batch_id}": {
+            "get": {
+                "summary": "A batch: status, counts, cost so far, ETA, invalid lines",
+                "parameters": [_ID],
+                "responses": {"200": {"description": "the batch", **_BATCH}, **ERRORS},
+            }
+        },
+        "/v1/batches/{batch_id}/results": {
+            "get": {
+                "summary": "Results as JSONL, one line per input line, in input order",
+                "parameters": [_ID],
+                "responses": {
+                    "200": {
+                        "description": "streamed JSONL",
+                        "content": {"application/jsonl": {"schema": {"type": "string"}}},
+                    },
+                    **ERRORS,
+                },
+            }
+        },
+        "/v1/batches/{batch_id}/cancel": {
+            "post": {
+                "summary": "Cancel: queued jobs end, running ones stop at their next stage",
+                "parameters": [_ID],
+                "responses": {
+                    "200": {"description": "the batch", **_BATCH},
+                    "409": ERRORS["400"],
+                    **ERRORS,
+                },
+            }
+        },
+    },
+    {"Batch": _SCHEMA, "BatchLine": _LINE},
+)

@@ -1,0 +1,196 @@
+"""/v1/jobs: submit, read, list, cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request, url_for
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from services import jobs as job_service
+from services.api.auth import authenticate
+from services.api.limits import check_active_quota
+from services.api.problems import Problem
+from services.core.cost import totals
+from services.core.params import InvalidRequest, parse_job_request
+from services.storage import repository
+from services.storage.db import transaction
+from services.storage.models import JOB_STATUSES, Job
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+log = logging.getLogger("tandem.api.jobs")
+
+MAX_PAGE = 200
+MAX_IDEMPOTENCY_KEY = 200
+ID_MAX = 40
+
+
+def settings():
+    return current_app.config["TANDEM"]
+
+
+def json_body() -> Any:
+    if not request.is_json:
+        raise Problem(415, "send a JSON body with 'Content-Type: application/json'")
+    try:
+        return json.loads(request.get_data(cache=False) or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise Problem(400, f"malformed JSON: {error}") from None
+    except RecursionError:
+        raise Problem(400, "malformed JSON: nested too deeply") from None
+
+
+def job_json(job: Job, with_stages: bool = True) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": job.id,
+        "object": "job",
+        "status": job.status,
+        "strategy": job.strategy,
+        "question": job.question,
+        "params": job.params,
+        "answer": job.answer,
+        "final_text": job.final_text,
+        "summary": job.summary,
+        "error": job.error,
+        "batch_id": job.batch_id,
+        "custom_id": job.custom_id,
+        "cancel_requested": job.cancel_requested,
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "status_url": url_for("jobs.get_job", job_id=job.id, _external=False),
+    }
+    if with_stages:
+        records = [repository.to_record(stage) for stage in job.stages]
+        body["stages"] = [
+            {**record.to_dict(), "created_at": _iso(stage.created_at)}
+            for record, stage in zip(records, job.stages, strict=True)
+        ]
+        body["cost"] = totals(records).to_dict()
+        body["timings"] = _timings(job)
+    return body
+
+
+def _timings(job: Job) -> dict[str, float | None]:
+    def span(start: datetime | None, end: datetime | None) -> float | None:
+        return round((end - start).total_seconds(), 3) if start and end else None
+
+    return {
+        "queued_s": span(job.created_at, job.started_at),
+        "running_s": span(job.started_at, job.finished_at),
+        "total_s": span(job.created_at, job.finished_at),
+    }
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def owned_job(session: Session, job_id: str, owner: str, with_stages: bool = True) -> Job:
+    """The owner's job, or 404 (another owner's job is indistinguishable from a missing one)."""
+    if len(job_id) > ID_MAX or "\x00" in job_id:  # no id is that long or holds a NUL
+        raise Problem(404, f"no job {job_id[:ID_MAX]!r}")
+    query = select(Job).where(Job.id == job_id, Job.owner == owner)
+    if with_stages:
+        query = query.options(selectinload(Job.stages))
+    job = session.scalar(query)
+    if job is None:
+        raise Problem(404, f"no job {job_id}")
+    return job
+
+
+@bp.post("")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    owner = authenticate()
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
+        raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    try:
+        job_request = parse_job_request(json_body(), settings().max_question_chars)
+    except InvalidRequest as error:
+        raise Problem(422, str(error)) from None
+    admission = current_app.extensions["tandem.admission"]
+    admission.check(owner)
+    with transaction(settings().database_url) as session:
+        check_active_quota(session, owner, settings().max_active_jobs)
+        job, tasks, created = job_service.submit(session, owner, job_request, key)
+        body = job_json(job, with_stages=False)
+    try:
+        current_app.extensions["tandem.enqueue"](tasks)
+    except Exception as error:  # the broker went away after admission; the job is committed
+        log.warning("job %s accepted, enqueue failed (the reconciler will): %s", job.id, error)
+    status = 202 if created else 200
+    return jsonify(body), status, {"Location": body["status_url"]}
+
+
+@bp.get("/<job_id>")
+def get_job(job_id: str) -> Response:
+    owner = authenticate()
+    with transaction(settings().database_url) as session:
+        return jsonify(job_json(owned_job(session, job_id, owner)))
+
+
+@bp.post("/<job_id>/cancel")
+def cancel_job(job_id: str) -> Response:
+    owner = authenticate()
+    with transaction(settings().database_url) as session:
+        job = owned_job(session, job_id, owner, with_stages=False)
+        session.refresh(job, with_for_update=True)
+        job_service.request_cancel(session, job)
+        return jsonify(job_json(job, with_stages=False))
+
+
+@bp.get("")
+def list_jobs() -> Response:
+    owner = authenticate()
+    args = request.args
+    unknown = set(args) - {"status", "strategy", "batch_id", "limit", "cursor"}
+    if unknown:
+        raise Problem(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    limit = _limit(args.get("limit", "50"))
+    query = select(Job).where(Job.owner == owner)
+    if status := args.get("status"):
+        if status not in JOB_STATUSES:
+            raise Problem(400, f"status must be one of {', '.join(JOB_STATUSES)}")
+        query = query.where(Job.status == status)
+    if strategy := args.get("strategy"):
+        query = query.where(Job.strategy == strategy[:40])
+    if batch_id := args.get("batch_id"):
+        query = query.where(Job.batch_id == batch_id[:ID_MAX])
+    if cursor := args.get("cursor"):
+        created, last_id = _decode_cursor(cursor)
+        query = query.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    with transaction(settings().database_url) as session:
+        rows = list(session.scalars(query))
+        page = [job_json(job, with_stages=False) for job in rows[:limit]]
+        more = len(rows) > limit
+        next_cursor = _encode_cursor(rows[limit - 1]) if more else None
+    return jsonify({"object": "list", "data": page, "has_more": more, "next_cursor": next_cursor})
+
+
+def _limit(raw: str) -> int:
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_PAGE:
+        raise Problem(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
+    return int(raw)
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id])
+    return base64.urlsafe_b64encode(raw.encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(created), str(job_id)
+    except (ValueError, TypeError, binascii.Error, UnicodeError):
+        raise Problem(400, "cursor is not one this API returned") from None

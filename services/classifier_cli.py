@@ -1,0 +1,203 @@
+"""`tandem classifier ...`: collect training data, train, evaluate and inspect the trained
+sufficiency classifier (the work itself is in `services.core.classifier`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from services.core import classifier as clf
+
+
+class ClassifierCommandError(click.ClickException):
+    """A one-line error for the user (no traceback)."""
+
+    def format_message(self) -> str:
+        return self.message
+
+
+@click.group(help="The trained sufficiency classifier: collect data, train, evaluate.")
+def classifier() -> None:
+    pass
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(classifier)
+
+
+def _budgets(raw: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(b) for b in raw.split(",") if b.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"comma-separated whole numbers, e.g. 0,100,500 (got {raw!r})"
+        ) from None
+
+
+@classifier.command(help="Run every stage of each question and store features, labels, costs.")
+@click.option(
+    "--dataset",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    required=True,
+    help="JSONL with `question` and `answer` (GSM8K / MATH-500).",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Directory for samples.jsonl + meta.json (resumed if it exists).",
+)
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions.")
+@click.option(
+    "--offset",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Skip the first K questions of the dataset.",
+)
+@click.option(
+    "--budgets",
+    default="0,100,500,1000",
+    show_default=True,
+    help="Coordinator token budgets per stage.",
+)
+@click.option(
+    "--executor-max-tokens", type=click.IntRange(1, 32768), default=512, show_default=True
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Questions in flight at once (the engines batch their requests).",
+)
+@click.option(
+    "--services",
+    "services_url",
+    help="Collect through the API at this URL (fixed:B jobs) instead of embedded.",
+)
+@click.option("--key", envvar="TANDEM_API_KEY", help="API key for --services.")
+@click.option(
+    "--poll-s",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="Polling interval for --services jobs.",
+)
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def collect(
+    dataset: Path,
+    out: Path,
+    limit: int | None,
+    offset: int,
+    budgets: str,
+    executor_max_tokens: int,
+    workers: int,
+    services_url: str | None,
+    key: str | None,
+    poll_s: float,
+    no_progress: bool,
+) -> None:
+    from services.core.engines import Engines
+    from services.core.params import JobParams
+    from services.settings import get_settings
+
+    if services_url and not key:
+        raise ClassifierCommandError("--services needs --key (or TANDEM_API_KEY)")
+    try:
+        params = JobParams(budgets=_budgets(budgets), executor_max_tokens=executor_max_tokens)
+    except ValueError as error:
+        raise ClassifierCommandError(f"invalid options: {error}") from None
+    items = clf.read_dataset(dataset)[offset:]
+    items = items[:limit] if limit else items
+    engines = Engines(get_settings())
+    collector = None
+    try:
+        if services_url:
+            collector = clf.ServicesCollector(services_url, key or "", engines, poll_s=poll_s)
+            collect_one = collector.collect_question
+        else:
+
+            def collect_one(item: clf.Item, p: JobParams) -> dict[str, Any]:
+                return clf.collect_question(engines, item, p)
+
+        mode = "services" if services_url else "embedded"
+        meta = clf.collect_meta(dataset, params, engines, mode)
+        summary = clf.collect(items, out, params, collect_one, meta, workers, not no_progress)
+    except (clf.CollectError, clf.TrainingError) as error:
+        raise ClassifierCommandError(str(error)) from None
+    finally:
+        if collector:
+            collector.close()
+        engines.close()
+    click.echo(
+        f"{summary.collected} questions collected now, {summary.done_before} before, "
+        f"{summary.total} asked: {summary.path}"
+    )
+
+
+@classifier.command(help="Train the classifier and its thresholds; write the artifact.")
+@click.option(
+    "--data",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="A `collect` output directory (or its samples.jsonl).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Artifact file to write (a zip; the report goes to <out>.report.json).",
+)
+@click.option("--folds", type=click.IntRange(2, 20), default=5, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def train(data: Path, out: Path, folds: int, seed: int, as_json: bool) -> None:
+    try:
+        artifact, report = clf.train_artifact(data, out, folds=folds, seed=seed)
+    except clf.TrainingError as error:
+        raise ClassifierCommandError(str(error)) from None
+    _print_report(report, as_json)
+    presets = ", ".join(f"{k}={v:.4g}" for k, v in artifact.presets.items())
+    click.echo(f"artifact: {out} (presets, lambda per TFLOP: {presets})")
+    click.echo(f"report:   {clf.report_path(out)}")
+
+
+@classifier.command(help="Report a trained cascade on data it was not trained on.")
+@click.option("--artifact", type=click.Path(path_type=Path), required=True)
+@click.option("--data", type=click.Path(exists=True, path_type=Path), required=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Also write the report as JSON here.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def evaluate(artifact: Path, data: Path, out: Path | None, as_json: bool) -> None:
+    loaded = clf.load_artifact(artifact)
+    try:
+        report = clf.evaluate(loaded, clf.load_samples(data))
+    except clf.TrainingError as error:
+        raise ClassifierCommandError(str(error)) from None
+    _print_report(report, as_json)
+    if out:
+        clf.write_report(out, report)
+
+
+@classifier.command(help="Show an artifact's manifest (checked against this code).")
+@click.argument("artifact", type=click.Path(path_type=Path))
+def inspect(artifact: Path) -> None:
+    manifest = clf.read_manifest(artifact)
+    manifest.pop("report", None)
+    click.echo(json.dumps(manifest, indent=2))
+
+
+def _print_report(report: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(clf.format_report(report))
+    if "warning" in report:
+        click.echo(f"warning: {report['warning']}")

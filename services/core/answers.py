@@ -1,0 +1,210 @@
+"""Final-answer extraction, gold answers and equivalence checking for math jobs.
+
+``extract_answer`` tries, in order, and returns the first hit:
+
+1. the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (balanced, nested braces allowed;
+   also the brace-less ``\\boxed 5``); a truncated or empty box falls back to
+   the previous one;
+2. the last GSM8K-style ``#### <answer>`` line;
+3. the last phrase such as "the answer is X", "Final answer: $X$", "Answer: X";
+4. the last number in the text (``-3``, ``2.5``, ``1,234``, ``3/4``, ``\\frac{3}{4}``).
+
+Every candidate is cleaned: surrounding whitespace, ``$`` delimiters, trailing
+periods and trailing units (``\\text{ cm}``, "dollars") are dropped. ``None``
+means nothing was found.
+
+``is_correct`` compares a prediction with a gold answer: first normalized string
+equality, then plain numeric equality (decisive when both sides are plain
+numbers), then ``math_verify`` with its signal-based timeouts disabled, so it is
+safe in worker threads. Inputs that could make sympy compute for ever (power
+towers, huge exponents or factorials, very long strings) skip math-verify.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from fractions import Fraction
+from typing import Any
+
+__all__ = ["extract_answer", "is_correct", "reference_answer"]
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+_HASHES = re.compile(r"####[ \t]*([^\n]*)")
+_PHRASE = re.compile(r"\banswer\b[\s*]*(?:is\b|:)[\s*:]*([^\n]*)", re.IGNORECASE)
+_NUMBER = re.compile(
+    r"\\[dt]?frac\{-?\d+\}\{\d+\}"
+    r"|(?:(?<![\w)\]}])-)?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(?![\d,]*\d)"
+    r"|(?:(?<![\w)\]}])-)?\.\d+"
+)
+_MATH_SPAN = re.compile(r"\$\$?(.+?)(?<!\\)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+_TEXT_UNIT = re.compile(r"(?<=\S)\s*\\(?:text|textrm|mbox|mathrm)\{[^{}]*[A-Za-z][^{}]*\}$")
+_WORD_TAIL = re.compile(r"(?<=[\d}])(?:\s+[A-Za-z]{2,}\.?)+$")
+_WORD_HEAD = re.compile(r"^(?:[A-Za-z]{2,}\s+)+(?=[-\d.$\\])")
+_RISKY = re.compile(
+    r"\^\s*\{[^{}]*\^|\^\s*\(?\s*\d+\s*\)?\s*\^|\^\s*\{?\s*\d{6,}|\*\*\s*\(?\s*\d+\s*\)?\s*\*\*|\d{4,}\s*!"
+)
+_MAX_VERIFY_CHARS = 400
+
+
+# ---------------------------------------------------------------- extraction
+
+
+def extract_answer(text: str) -> str | None:
+    """Return the final answer written in a model's solution, or None."""
+    if not text:
+        return None
+    for finder in (_last_boxed, _last_hashes, _last_phrase, _last_number):
+        found = finder(text)
+        if found:
+            return found
+    return None
+
+
+def _last_boxed(text: str) -> str | None:
+    for match in reversed(list(_BOX.finditer(text))):
+        content = _box_content(text, match.end())
+        if content and _clean(content):
+            return _clean(content)
+    return None
+
+
+def _box_content(text: str, pos: int) -> str | None:
+    """Content after ``\\boxed`` at ``pos``: a balanced ``{...}`` group or one bare token."""
+    rest = text[pos:].lstrip()
+    if not rest.startswith("{"):
+        token = re.match(r"[^\s$]+", rest)
+        return token.group(0) if token else None
+    depth, escaped = 0, False
+    for i, char in enumerate(rest):
+        if escaped or char == "\\":
+            escaped = not escaped
+        elif char in "{}":
+            depth += 1 if char == "{" else -1
+            if depth == 0:
+                return rest[1:i]
+    return None
+
+
+def _last_hashes(text: str) -> str | None:
+    for match in reversed(list(_HASHES.finditer(text))):
+        if _clean(match.group(1)):
+            return _clean(match.group(1))
+    return None
+
+
+def _last_phrase(text: str) -> str | None:
+    for match in reversed(list(_PHRASE.finditer(text))):
+        candidate = _clean(_first_sentence(match.group(1)))
+        if candidate:
+            return candidate
+    return None
+
+
+def _first_sentence(tail: str) -> str:
+    """The math span the phrase tail starts with, else the tail up to the first '. '."""
+    span = _MATH_SPAN.match(tail.strip())
+    if span:
+        return next(group for group in span.groups() if group is not None)
+    return re.split(r"\.\s", tail, maxsplit=1)[0]
+
+
+def _last_number(text: str) -> str | None:
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def _clean(answer: str) -> str:
+    """Strip delimiters, markdown, trailing punctuation and trailing units."""
+    answer = re.sub(r"\\?\$", "", answer).strip()
+    answer = re.sub(r"^\\[(\[]|\\[)\]]$", "", answer).strip()
+    answer = answer.strip("*").strip().rstrip(".,;:").strip()
+    answer = _TEXT_UNIT.sub("", answer).strip()
+    if re.search(r"\d", answer):
+        answer = _WORD_HEAD.sub("", _WORD_TAIL.sub("", answer)).strip()
+    return answer.rstrip(".").strip()
+
+
+# ---------------------------------------------------------------- gold answers
+
+
+def reference_answer(record: dict[str, Any]) -> str:
+    """Gold answer of a GSM8K record (after '####', commas dropped) or a MATH-500 record."""
+    answer = str(record["answer"])
+    if "####" in answer:
+        return answer.rsplit("####", 1)[1].strip().replace(",", "")
+    return answer.strip()
+
+
+# ---------------------------------------------------------------- equivalence
+
+
+def is_correct(predicted: str | None, reference: str) -> bool:
+    """True when ``predicted`` is mathematically equivalent to ``reference``; never raises."""
+    if predicted is None or not predicted.strip() or not reference.strip():
+        return False
+    try:
+        if _normalize(predicted) == _normalize(reference):
+            return True
+        pred_values, ref_values = _numbers(predicted), _numbers(reference)
+        if pred_values and ref_values:
+            return any(_close(p, r) for p in pred_values for r in ref_values)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        pass
+    return _math_verify(predicted, reference)
+
+
+def _normalize(answer: str) -> str:
+    answer = re.sub(r"\\(?:text|textrm|mbox|mathrm)\{([^{}]*)\}", r"\1", answer)
+    answer = re.sub(r"\\[dt]frac", r"\\frac", answer)
+    answer = re.sub(r"\^\s*\{?\\circ\}?|\\left|\\right|\\!|\\,|\\;|(?<!\\)\$", "", answer)
+    answer = answer.replace("\\$", "").replace("{,}", ",")
+    return re.sub(r"\s+", "", answer).rstrip(".")
+
+
+def _numbers(answer: str) -> list[float]:
+    """Values of a plain number (percent gives both readings), or [] if not one."""
+    text = _normalize(answer)
+    percent = text.endswith("%")
+    text = text.removesuffix("%").removesuffix("\\")
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", text):
+        text = text.replace(",", "")
+    frac = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", text)
+    if frac:
+        text = f"{frac.group(1)}{frac.group(2)}/{frac.group(3)}"
+    if not re.fullmatch(r"-?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?", text):
+        return []
+    value = float(Fraction(text))
+    return [value, value / 100] if percent else [value]
+
+
+def _close(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def _math_verify(predicted: str, reference: str) -> bool:
+    """math-verify with signal timeouts disabled (thread-safe); False on any failure."""
+    if any(_is_risky(s) for s in (predicted, reference)):
+        return False
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    try:
+        gold = parse(_wrap(reference), parsing_timeout=None)
+        pred = parse(_wrap(predicted), parsing_timeout=None)
+        return bool(gold and pred and verify(gold, pred, timeout_seconds=None))
+    except (Exception, TimeoutException):
+        return False
+
+
+def _is_risky(answer: str) -> bool:
+    """Inputs that can make sympy evaluate enormous integers without any way to stop it."""
+    return len(answer) > _MAX_VERIFY_CHARS or bool(_RISKY.search(answer))
+
+
+def _wrap(answer: str) -> str:
+    """math-verify only parses LaTeX inside math delimiters."""
+    answer = answer.strip()
+    if "\\boxed" in answer or answer.startswith(("$", "\\(", "\\[")):
+        return answer
+    return f"${answer}$"

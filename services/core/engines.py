@@ -1,0 +1,127 @@
+"""The models and policies a process holds, loaded on first use from settings.
+
+Roles whose settings name the same engine (same backend, model and URL) share one loaded
+engine: in embedded mode the coordinator, executor and feature model are all the default
+SmolLM2 and it is loaded once. A worker loads only the roles its queue needs.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from services.core.backends.base import Backend, BackendError
+from services.core.sufficiency import EntropyPolicy, SufficiencyPolicy
+from services.settings import ModelSettings, Settings
+
+
+class ConfigurationError(BackendError):
+    """The settings name something that cannot be used; the message says how to fix it."""
+
+
+class Engines:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._backends: dict[tuple, Backend] = {}
+        self._policies: dict[str, SufficiencyPolicy] = {}
+        self._lock = threading.Lock()
+
+    def backend(self, role: str) -> Backend:
+        model = self.settings.model("feature" if role == "classifier" else role)  # type: ignore[arg-type]
+        with self._lock:
+            if model.engine_key not in self._backends:
+                self._backends[model.engine_key] = self._load(model)
+            return self._backends[model.engine_key]
+
+    def n_params(self, role: str) -> int:
+        """Parameter count for the cost model: the settings' override, else the model's own."""
+        override = None if role == "classifier" else self.settings.model(role).n_params  # type: ignore[arg-type]
+        return override or self.backend(role).n_params
+
+    def policy(self, name: str | None) -> SufficiencyPolicy:
+        """`entropy` (training-free), `trained` (the configured artifact), or None: trained
+        when an artifact is configured, else entropy."""
+        if name is None:
+            name = "trained" if self.settings.classifier_artifact else "entropy"
+        with self._lock:
+            if name not in self._policies:
+                self._policies[name] = self._load_policy(name)
+            return self._policies[name]
+
+    def close(self) -> None:
+        with self._lock:
+            for backend in self._backends.values():
+                backend.close()
+            self._backends.clear()
+
+    def _load(self, model: ModelSettings) -> Backend:
+        if model.backend == "torch":  # scoring only: the feature model of the classifier worker
+            from services.core.backends.torch_scoring import load_feature_backend
+
+            return load_feature_backend(model)
+        if model.backend == "local":
+            from services.core.backends.default_model import default_model_path
+            from services.core.backends.local import LocalBackend
+
+            path = default_model_path() if model.model == "default" else Path(model.model)
+            return LocalBackend(
+                path,
+                n_threads=self.settings.local_threads,
+                max_batch=self.settings.local_max_batch,
+                n_ctx=self.settings.local_context,
+                name="SmolLM2-135M-Instruct" if model.model == "default" else None,
+            )
+        if not model.url:
+            raise ConfigurationError(
+                f"the {model.role} model uses the sglang backend but has no URL: "
+                f"set TANDEM_{model.role.upper()}_URL=http://host:port"
+            )
+        from services.core.backends.openai_http import OpenAIHTTPBackend
+
+        return OpenAIHTTPBackend(
+            model.url,
+            model_name=None if model.model == "default" else model.model,
+            n_params=model.n_params,
+            chat_template=read_chat_template(model.chat_template) if model.chat_template else None,
+            timeout_s=self.settings.http_timeout_s,
+            connect_timeout_s=self.settings.http_connect_timeout_s,
+            retries=self.settings.http_retries,
+            vocab_size=self.settings.http_vocab_size,
+            role=model.role,
+        )
+
+    def _load_policy(self, name: str) -> SufficiencyPolicy:
+        if name == "entropy":
+            return EntropyPolicy()
+        if name == "trained":
+            artifact = self.settings.classifier_artifact
+            if not artifact:
+                raise ConfigurationError(
+                    "policy 'trained' needs a classifier artifact: set TANDEM_CLASSIFIER_ARTIFACT "
+                    "(train one with `tandem classifier train`) or use policy 'entropy'"
+                )
+            from services.core.classifier import load_policy
+
+            return load_policy(Path(artifact))
+        raise ConfigurationError(f"unknown classifier policy {name!r}: use 'entropy' or 'trained'")
+
+
+def read_chat_template(path: str) -> str:
+    """A chat template from a Hugging Face tokenizer_config.json or a plain template file."""
+    import json
+
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as error:
+        raise ConfigurationError(f"cannot read chat template {path}: {error.strerror}") from None
+    if file.suffix != ".json":
+        return text
+    template = json.loads(text).get("chat_template")
+    if isinstance(template, list):  # several named templates: take the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str):
+        raise ConfigurationError(
+            f"{path} has no chat_template: point at the model's tokenizer_config.json"
+        )
+    return template

@@ -1,0 +1,127 @@
+"""A job's request: question, strategy name and parameters, validated in one place.
+
+The CLI, the REST API and batch lines all build a `JobRequest`, so they accept and reject
+exactly the same things with the same messages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from services.core.sufficiency import PRESETS
+
+MAX_STAGES = 8
+MAX_TOKENS_LIMIT = 32768
+STRATEGIES = ("tandem", "llm_only", "slm_only", "fixed:N", "scot", "relay")
+_FIXED = re.compile(r"^fixed:(\d{1,6})$")
+
+
+class InvalidRequest(ValueError):
+    """A request a client can fix: the message says what was wrong."""
+
+
+TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+
+
+class JobParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    budgets: tuple[Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)], ...] = (0, 100, 500, 1000)
+    cost_preference: (
+        Literal["quality", "balanced", "economy"] | Annotated[float, Field(ge=0, le=1e6)]
+    ) = "balanced"
+    policy: Literal["entropy", "trained"] | None = None  # None: trained if configured
+    executor_max_tokens: TokenCount = 512
+    llm_max_tokens: TokenCount = 1024
+    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    seed: int | None = None
+    # scot
+    # At most 8 drafts: the selection reads one token, so the choices 1..drafts+1 must be
+    # single digits.
+    drafts: Annotated[int, Field(ge=1, le=8)] = 5
+    draft_max_tokens: TokenCount = 512
+    # relay
+    relay_mode: Literal["command", "entropy"] = "entropy"  # entropy: training-free trigger
+    relay_budget: TokenCount = 1024
+    relay_turns: Annotated[int, Field(ge=1, le=64)] = 5
+    relay_call_tokens: TokenCount = 16
+    relay_entropy_threshold: Annotated[float, Field(gt=0, le=20)] = 2.5
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets_increasing(cls, budgets: tuple[int, ...]) -> tuple[int, ...]:
+        if not 1 <= len(budgets) <= MAX_STAGES:
+            raise ValueError(f"give between 1 and {MAX_STAGES} budgets")
+        if any(later <= earlier for earlier, later in itertools.pairwise(budgets)):
+            raise ValueError("budgets must be strictly increasing, e.g. [0, 100, 500, 1000]")
+        return budgets
+
+
+class JobRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    question: str
+    strategy: str = "tandem"
+    params: JobParams = JobParams()
+
+    @field_validator("question")
+    @classmethod
+    def _question_not_blank(cls, question: str) -> str:
+        if not question.strip():
+            raise ValueError("question is empty")
+        return question
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, strategy: str) -> str:
+        if (strategy in STRATEGIES and strategy != "fixed:N") or _FIXED.match(strategy):
+            return strategy
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def fixed_budget(strategy: str) -> int | None:
+    match = _FIXED.match(strategy)
+    return int(match.group(1)) if match else None
+
+
+def parse_job_request(data: object, max_question_chars: int) -> JobRequest:
+    """Validate raw input (a dict from JSON or the CLI) into a JobRequest, or raise
+    InvalidRequest with a message naming every problem."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        request = JobRequest.model_validate(data)
+    except ValidationError as error:
+        raise InvalidRequest(describe_validation_error(error)) from None
+    if len(request.question) > max_question_chars:
+        raise InvalidRequest(
+            f"question is {len(request.question)} characters; the limit is {max_question_chars}"
+        )
+    return request
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "body"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field"
+        problems.append(f"{where}: {message}")
+    return "; ".join(problems)
+
+
+__all__ = [
+    "PRESETS",
+    "STRATEGIES",
+    "InvalidRequest",
+    "JobParams",
+    "JobRequest",
+    "fixed_budget",
+    "parse_job_request",
+]

@@ -1,0 +1,480 @@
+"""The evaluation harness: every strategy on the same questions, one result row each.
+
+Rows go to `results.jsonl` as they finish (appended and flushed line by line), so a run that
+stops can be resumed: pairs (strategy label, question id) already there are skipped. Jobs run
+either in this process (`EmbeddedRunner`: `run_job` from a thread pool, so the local engine
+batches concurrent questions) or through a running service (`ServiceRunner`: submit over
+REST, poll). Domain code only: no web framework or queue imports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.core.answers import is_correct, reference_answer
+from services.core.params import PRESETS, InvalidRequest, parse_job_request
+
+RESULTS_FILE = "results.jsonl"
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+_VALIDATION_QUESTION = "1 + 1 = ?"
+
+
+class EvaluationError(ValueError):
+    """A problem the user can fix (dataset, strategies, output folder): the message says how."""
+
+
+# --- questions ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    index: int
+    id: str
+    text: str
+    reference: str
+    level: str | None = None
+
+
+def load_questions(path: Path, limit: int | None = None) -> list[Question]:
+    """GSM8K lines (`question`, `answer` ending `#### n`) or MATH lines (`question` or
+    `problem`, `answer`, `solution`, `level`, `unique_id`), in file order."""
+    questions: list[Question] = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise EvaluationError(f"cannot read dataset {path}: {error.strerror}") from None
+    for number, line in enumerate(lines, start=1):
+        if limit is not None and len(questions) >= limit:
+            break
+        if line.strip():
+            questions.append(_question(path, number, line, len(questions)))
+    if not questions:
+        raise EvaluationError(f"dataset {path} has no questions")
+    return questions
+
+
+def _question(path: Path, number: int, line: str, index: int) -> Question:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise EvaluationError(f"{path}:{number}: not JSON ({error.msg})") from None
+    if not isinstance(record, dict):
+        raise EvaluationError(f"{path}:{number}: expected a JSON object")
+    text = record.get("question") or record.get("problem")
+    if not isinstance(text, str) or not text.strip() or "answer" not in record:
+        raise EvaluationError(f"{path}:{number}: needs 'question' (or 'problem') and 'answer'")
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    qid = str(record.get("unique_id") or record.get("id") or f"{index}-{digest}")
+    level = record.get("level")
+    return Question(
+        index, qid, text, reference_answer(record), None if level is None else str(level)
+    )
+
+
+# --- strategies -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One column of the comparison: a strategy with its params, e.g. `tandem@economy`."""
+
+    label: str
+    strategy: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_strategies(text: str, base_params: dict[str, Any] | None = None) -> list[StrategySpec]:
+    """Comma-separated strategies; `NAME@POINT` sets the operating point (cost_preference:
+    quality | balanced | economy | a lambda) on top of `base_params`."""
+    labels = [item.strip() for item in text.split(",") if item.strip()]
+    if not labels:
+        raise EvaluationError("give at least one strategy, e.g. tandem,llm_only,slm_only")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise EvaluationError(f"strategy listed twice: {', '.join(duplicates)}")
+    return [_spec(label, dict(base_params or {})) for label in labels]
+
+
+def _spec(label: str, params: dict[str, Any]) -> StrategySpec:
+    name, _, point = label.partition("@")
+    if point:
+        params["cost_preference"] = _preference(point)
+    data = {"question": _VALIDATION_QUESTION, "strategy": name, "params": params}
+    try:
+        request = parse_job_request(data, max_question_chars=len(_VALIDATION_QUESTION))
+    except InvalidRequest as error:
+        raise EvaluationError(f"strategy {label!r}: {error}") from None
+    return StrategySpec(label, name, request.params.model_dump(mode="json", exclude_defaults=True))
+
+
+def _preference(point: str) -> str | float:
+    try:
+        return float(point)
+    except ValueError:
+        if point in PRESETS:
+            return point
+    raise EvaluationError(
+        f"operating point {point!r}: use {', '.join(PRESETS)} or a number (lambda), "
+        "e.g. tandem@economy or tandem@0.5"
+    )
+
+
+# --- runners --------------------------------------------------------------------------
+
+
+@dataclass
+class JobRun:
+    """What one job produced, in the shape of `JobResult.to_json()` / the API's job JSON."""
+
+    job: dict[str, Any]
+    latency_s: float
+    job_id: str | None = None
+    error: str | None = None
+
+
+class Runner(Protocol):
+    concurrency: int
+
+    def run(self, spec: StrategySpec, question: Question) -> JobRun: ...
+
+    def close(self) -> None: ...
+
+
+class EmbeddedRunner:
+    """Jobs in this process with `run_job`; concurrent calls share (and batch on) one engine."""
+
+    def __init__(self, settings: Any, concurrency: int | None = None) -> None:
+        from services.core.engines import Engines
+
+        self.settings = settings
+        self.engines = Engines(settings)
+        self.concurrency = concurrency or settings.local_max_batch
+
+    def check(self, specs: Sequence[StrategySpec]) -> None:
+        """Fail before any work when a strategy is not available in this build."""
+        from services.core.strategies import program_for
+
+        for spec in specs:
+            try:
+                program_for(self._request(spec, _VALIDATION_QUESTION))
+            except ValueError as error:
+                raise EvaluationError(f"strategy {spec.label!r}: {error}") from None
+
+    def run(self, spec: StrategySpec, question: Question) -> JobRun:
+        """One job; a model error on this question is the row's error (counted wrong), but
+        one that stops every job (the model cannot load, the settings are wrong) is raised."""
+        from services.core.backends.base import BackendError, ModelLoadError
+        from services.core.engines import ConfigurationError
+        from services.core.runner import run_job
+
+        request = self._request(spec, question.text)
+        started = time.perf_counter()
+        try:
+            result = run_job(request, self.engines)
+        except (ModelLoadError, ConfigurationError):
+            raise
+        except BackendError as error:
+            return JobRun({}, time.perf_counter() - started, error=str(error) or repr(error))
+        return JobRun(result.to_json(), time.perf_counter() - started)
+
+    def close(self) -> None:
+        self.engines.close()
+
+    def _request(self, spec: StrategySpec, text: str):
+        data = {"question": text, "strategy": spec.strategy, "params": spec.params}
+        return parse_job_request(data, max_question_chars=max(len(text), 1))
+
+
+class ServiceRunner:
+    """Jobs through a running service: POST /v1/jobs (idempotent per row), poll until done."""
+
+    def __init__(
+        self,
+        base_url: str,
+        key: str,
+        concurrency: int = 32,
+        timeout_s: float = 3600.0,
+        run_tag: str = "",
+    ) -> None:
+        import httpx
+
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30.0,
+        )
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.run_tag = run_tag
+
+    def run(self, spec: StrategySpec, question: Question) -> JobRun:
+        job = self._submit(spec, question)
+        job = self._wait(job["id"])
+        timings = job.get("timings") or {}
+        latency = timings.get("total_s")
+        error = job.get("error") if job["status"] != "succeeded" else None
+        if job["status"] == "cancelled":
+            error = error or "cancelled"
+        return JobRun(job, float(latency or 0.0), job_id=job["id"], error=error)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _submit(self, spec: StrategySpec, question: Question) -> dict[str, Any]:
+        body = {"question": question.text, "strategy": spec.strategy, "params": spec.params}
+        key = _idempotency_key(self.run_tag, spec, question)
+        for _ in range(100):
+            response = self.http.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+            if response.status_code in (200, 202):
+                return response.json()
+            if response.status_code not in (429, 503):
+                raise EvaluationError(f"the service refused a job: {_detail(response)}")
+            time.sleep(float(response.headers.get("Retry-After", "2")))
+        raise EvaluationError("the service stayed overloaded (429/503) for too long")
+
+    def _wait(self, job_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout_s
+        pause = 0.25
+        while time.monotonic() < deadline:
+            response = self.http.get(f"/v1/jobs/{job_id}")
+            if response.status_code != 200:
+                raise EvaluationError(f"reading job {job_id} failed: {_detail(response)}")
+            job = response.json()
+            if job["status"] in FINAL_STATUSES:
+                return job
+            time.sleep(pause)
+            pause = min(2.0, pause * 1.5)
+        raise EvaluationError(f"job {job_id} did not finish within {self.timeout_s:.0f}s")
+
+
+def _idempotency_key(run_tag: str, spec: StrategySpec, question: Question) -> str:
+    """The same row of the same run maps to the same job, so a resumed run reuses it."""
+    material = json.dumps([run_tag, spec.strategy, spec.params, question.id, question.text])
+    return "eval-" + hashlib.sha256(material.encode()).hexdigest()[:40]
+
+
+def _detail(response: Any) -> str:
+    try:
+        return f"{response.status_code} {response.json().get('detail', response.text)}"
+    except ValueError:
+        return f"{response.status_code} {response.text[:200]}"
+
+
+# --- rows -----------------------------------------------------------------------------
+
+
+def make_row(spec: StrategySpec, question: Question, run: JobRun) -> dict[str, Any]:
+    job = run.job
+    cost = job.get("cost") or {}
+    answer = job.get("answer")
+    stages = job.get("stages") or []
+    return {
+        "strategy": spec.label,
+        "base_strategy": spec.strategy,
+        "params": spec.params,
+        "question_id": question.id,
+        "question_index": question.index,
+        "level": question.level,
+        "job_id": run.job_id,
+        "reference": question.reference,
+        "answer": answer,
+        "correct": run.error is None and is_correct(answer, question.reference),
+        "error": run.error,
+        "cost": {name: cost.get(name, 0) for name in COST_FIELDS},
+        "generated_by_role": dict(cost.get("generated_by_role") or {}),
+        "generated_by_model": dict(cost.get("generated_by_model") or {}),
+        "models": {stage["role"]: stage["model"] for stage in stages},
+        "stages": [stage_summary(stage) for stage in stages],
+        "outcome": job.get("summary") or {},
+        "latency_s": round(run.latency_s, 4),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+COST_FIELDS = (
+    "tflops",
+    "prefill_tflops",
+    "prompt_tokens",
+    "cached_prompt_tokens",
+    "generated_tokens",
+    "latency_s",
+)
+
+
+def stage_summary(stage: dict[str, Any]) -> dict[str, Any]:
+    output = stage.get("output") or {}
+    summary = {
+        "seq": stage["seq"],
+        "kind": stage["kind"],
+        "role": stage["role"],
+        "generated_tokens": stage["generated_tokens"],
+        "tflops": stage["tflops"],
+        "latency_s": round(stage["latency_s"], 4),
+        "note": stage.get("note", ""),
+    }
+    if "probability" in output:
+        summary["probability"] = output["probability"]
+        summary["threshold"] = output.get("threshold")
+        summary["decision"] = "stop" if output.get("sufficient") else "continue"
+    elif "finish_reason" in output:
+        summary["finish_reason"] = output["finish_reason"]
+    return summary
+
+
+# --- the results file ------------------------------------------------------------------
+
+
+class ResultsFile:
+    """`results.jsonl`: one row per (strategy label, question id), appended as they come."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """Rows by key. A torn last line (the run was killed mid-write) is cut off."""
+        if not self.path.exists():
+            return {}
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        data = self.path.read_bytes()
+        lines = data.split(b"\n")
+        offset = 0
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if number == len(lines):  # the unterminated tail
+                        self._truncate(offset)
+                        break
+                    raise EvaluationError(f"{self.path}:{number}: not a result row") from None
+                rows[(row["strategy"], row["question_id"])] = row
+            offset += len(line) + 1
+        return rows
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+            handle.flush()
+
+    def drop(self, keys: set[tuple[str, str]]) -> None:
+        """Rewrite the file without the rows of `keys` (atomically: write, then rename)."""
+        kept = [row for key, row in self.load().items() if key not in keys]
+        scratch = self.path.with_suffix(".jsonl.tmp")
+        with scratch.open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in kept)
+        scratch.replace(self.path)
+
+    def _truncate(self, size: int) -> None:
+        with self.path.open("r+b") as handle:
+            handle.truncate(size)
+
+
+def check_resumable(
+    done: dict[tuple[str, str], dict[str, Any]], specs: Iterable[StrategySpec]
+) -> None:
+    """Rows kept from an earlier run must come from the same strategy params."""
+    wanted = {spec.label: spec.params for spec in specs}
+    for (label, _qid), row in done.items():
+        if label in wanted and row.get("params") != wanted[label]:
+            raise EvaluationError(
+                f"results for {label!r} were made with params {row.get('params')}, not "
+                f"{wanted[label]}: choose another --out folder or delete the old results"
+            )
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """What `run_evaluation` did: rows for the selection and the summary written."""
+
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    ran: int
+    skipped: int
+
+
+def run_evaluation(
+    questions: Sequence[Question],
+    specs: Sequence[StrategySpec],
+    runner: Runner,
+    out_dir: Path,
+    *,
+    dataset: str = "",
+    baseline: str = "llm_only",
+    progress: bool = True,
+    retry_errors: bool = False,
+) -> Evaluation:
+    """Run the missing (strategy, question) pairs, then write summary.json, table.md and
+    pareto.png for the whole selection (rows from earlier runs included). With
+    `retry_errors`, rows of the selection that ended in an error are run again."""
+    from services.evaluation import report
+    from services.evaluation.metrics import summarize
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(out_dir / RESULTS_FILE)
+    done = results.load()
+    check_resumable(done, specs)
+    if retry_errors:
+        failed = {key for key, row in done.items() if row.get("error")}
+        wanted = {(s.label, q.id) for s in specs for q in questions}
+        if failed & wanted:
+            results.drop(failed & wanted)
+            done = results.load()
+    pending = [(s, q) for q in questions for s in specs if (s.label, q.id) not in done]
+    total = len(questions) * len(specs)
+    _run_pending(pending, runner, results, total - len(pending), total, progress)
+    rows = selected_rows(results.load(), questions, specs)
+    summary = summarize(rows, specs, baseline=baseline, dataset=dataset, n_questions=len(questions))
+    report.write_report(out_dir, summary)
+    return Evaluation(rows, summary, ran=len(pending), skipped=total - len(pending))
+
+
+def _run_pending(
+    pending: Sequence[tuple[StrategySpec, Question]],
+    runner: Runner,
+    results: ResultsFile,
+    initial: int,
+    total: int,
+    progress: bool,
+) -> None:
+    from tqdm import tqdm
+
+    if not pending:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, runner.concurrency), thread_name_prefix="eval")
+    bar = tqdm(total=total, initial=initial, disable=not progress, unit="job", desc="eval")
+    futures: dict[Future[JobRun], tuple[StrategySpec, Question]] = {
+        pool.submit(runner.run, spec, question): (spec, question) for spec, question in pending
+    }
+    try:
+        for future in as_completed(futures):
+            spec, question = futures[future]
+            results.append(make_row(spec, question, future.result()))
+            bar.update()
+    finally:
+        bar.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def selected_rows(
+    rows: dict[tuple[str, str], dict[str, Any]],
+    questions: Sequence[Question],
+    specs: Sequence[StrategySpec],
+) -> list[dict[str, Any]]:
+    """The rows of this selection, in (strategy, question) order."""
+    return [
+        rows[(spec.label, question.id)]
+        for spec in specs
+        for question in questions
+        if (spec.label, question.id) in rows
+    ]

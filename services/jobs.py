@@ -1,0 +1,350 @@
+"""A job's life in service mode: submit, run one stage, decide what comes next, cancel,
+reconcile. Storage is Postgres (the source of truth); queues only carry (job id, seq).
+
+Delivery is at-least-once with exactly-once effect:
+- a stage's record and the job's new state commit in one transaction, under the job's row
+  lock, and the next steps are enqueued only after that commit;
+- a stage already recorded is never run or written again (unique (job_id, seq));
+- a parallel group (SCoT's drafts) is enqueued once, by whoever records the step before it;
+- a worker takes a lease on a stage before calling the model, counting the stage's attempt
+  in Postgres: a duplicate delivery finds the live lease and is dropped, and a stage that
+  keeps killing its worker fails the job after the cap instead of looping;
+- while a stage runs, its worker heartbeats the lease (and the job's updated_at), so a slow
+  stage is never mistaken for a lost one; a failed attempt releases its lease at once;
+- the reconciler re-enqueues the frontier of unfinished jobs with no heartbeat or progress
+  for longer than the stage deadline (a dead worker, a lost message, a Redis restart, a
+  crash between commit and enqueue).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.core.backends.base import BackendError, TransientBackendError
+from services.core.engines import Engines
+from services.core.execution import execute
+from services.core.params import JobRequest
+from services.core.steps import QUEUE_OF_ROLE, Step
+from services.core.strategies import program_for
+from services.core.workflow import Finished, Pending, ReplayMismatch, advance
+from services.observability import REQUEUED, observe_stage
+from services.settings import Settings
+from services.storage import repository
+from services.storage.db import transaction
+from services.storage.models import FINAL_JOB_STATUSES, Batch, Job, utcnow
+
+log = logging.getLogger("tandem.jobs")
+
+
+@dataclass(frozen=True)
+class Task:
+    """A message to put on a queue: run step `seq` of job `job_id`."""
+
+    job_id: str
+    seq: int
+    queue: str
+
+
+Enqueue = Callable[[Sequence[Task]], None]
+
+
+class RetryLater(Exception):
+    """A transient model error: the queue should redeliver after a backoff."""
+
+
+def tasks_for(job_id: str, steps: Sequence[tuple[int, Step]]) -> list[Task]:
+    return [Task(job_id, seq, QUEUE_OF_ROLE[step.role]) for seq, step in steps]
+
+
+def frontier(job: Job, session: Session) -> Pending | Finished:
+    records = repository.load_records(session, job.id)
+    return advance(program_for(repository.job_request(job)), records)
+
+
+# --- submit -----------------------------------------------------------------------------
+
+
+def submit(
+    session: Session, owner: str, request: JobRequest, idempotency_key: str | None = None
+) -> tuple[Job, list[Task], bool]:
+    """Insert a queued job and return it with its first tasks (to enqueue after commit).
+    With an idempotency key already used by this owner, return that job and no tasks."""
+    if idempotency_key:
+        existing = _by_idempotency_key(session, owner, idempotency_key)
+        if existing:
+            return existing, [], False
+    job = repository.new_job(owner, request, idempotency_key=idempotency_key)
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:  # the same key raced in from another request
+        existing = _by_idempotency_key(session, owner, idempotency_key or "")
+        if existing is None:
+            raise
+        return existing, [], False
+    return job, first_tasks(job), True
+
+
+def first_tasks(job: Job) -> list[Task]:
+    progress = advance(program_for(repository.job_request(job)), {})
+    return tasks_for(job.id, progress.steps) if isinstance(progress, Pending) else []
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+# --- run one stage ----------------------------------------------------------------------
+
+
+def run_stage(settings: Settings, engines: Engines, job_id: str, seq: int) -> list[Task]:
+    """Run step `seq` of a job, record it, and return the tasks to enqueue next."""
+    url = settings.database_url
+    claim = _claim(settings, job_id, seq)
+    if claim is None:
+        return []
+    request, step = claim
+    try:
+        with heartbeat(url, job_id, seq, settings.stage_deadline_s):
+            record = execute(seq, step, engines, request.params, request_id=f"{job_id}:{seq}")
+    except BackendError as error:
+        if isinstance(error, TransientBackendError):
+            _release(url, job_id, seq)
+            raise
+        _fail(url, job_id, f"stage {seq} ({step.kind}) failed: {error}")
+        return []
+    except BaseException:
+        _release(url, job_id, seq)  # let the redelivery claim it at once
+        raise
+    with transaction(url) as session:
+        job = _locked(session, job_id)
+        if job is None or job.status in FINAL_JOB_STATUSES:
+            return []
+        if not repository.add_stage(session, job_id, record):
+            return []  # a duplicate delivery got here first; it enqueued what follows
+        job.leases = {k: v for k, v in (job.leases or {}).items() if k != str(seq)}
+        job.updated_at = utcnow()
+        tasks = _next(session, job)
+    observe_stage(record)
+    log.info("stage recorded", extra={"job_id": job_id, "seq": seq, "stage": record.kind})
+    return tasks
+
+
+@contextmanager
+def heartbeat(url: str, job_id: str, seq: int, deadline_s: float) -> Iterator[None]:
+    """While a stage runs, keep its lease and the job's updated_at fresh, so neither a
+    duplicate delivery nor the reconciler takes a slow stage for a lost one."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(deadline_s / 3):
+            try:
+                with transaction(url) as session:
+                    job = _locked(session, job_id)
+                    if job is None or job.status != "running":
+                        return
+                    _extend_lease(job, seq, deadline_s)
+            except Exception as error:  # a missed beat is not fatal; the next may land
+                log.warning("heartbeat failed: %s", error, extra={"job_id": job_id, "seq": seq})
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{job_id}-{seq}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _extend_lease(job: Job, seq: int, deadline_s: float, claim: bool = False) -> int:
+    """Set the stage's lease to expire `deadline_s` from now; a claim also counts an
+    attempt. Returns the stage's attempts."""
+    leases = dict(job.leases or {})
+    lease = dict(leases.get(str(seq), {"attempts": 0}))
+    lease["until"] = time.time() + deadline_s
+    lease["attempts"] = lease.get("attempts", 0) + (1 if claim else 0)
+    leases[str(seq)] = lease
+    job.leases = leases  # a new dict, so the JSON column is seen as changed
+    job.updated_at = utcnow()
+    return lease["attempts"]
+
+
+def _release(url: str, job_id: str, seq: int) -> None:
+    """Expire a stage's lease now (its attempt failed), keeping its attempt count."""
+    with transaction(url) as session:
+        job = _locked(session, job_id)
+        if job is not None and str(seq) in (job.leases or {}):
+            leases = dict(job.leases)
+            leases[str(seq)] = {**leases[str(seq)], "until": 0}
+            job.leases = leases
+
+
+def _claim(settings: Settings, job_id: str, seq: int) -> tuple[JobRequest, Step] | None:
+    """Take the lease on step `seq` if the job still wants it and nobody holds it, counting
+    the attempt. Returns the step to run, or None for a delivery to drop: the job is over,
+    the step is already recorded (its recorder enqueued what follows; if that enqueue was
+    lost, the reconciler re-enqueues), or another worker holds a live lease on it."""
+    with transaction(settings.database_url) as session:
+        job = _locked(session, job_id)
+        if job is None or job.status in FINAL_JOB_STATUSES:
+            return None
+        if job.cancel_requested:
+            _cancel(job)
+            return None
+        try:
+            progress = frontier(job, session)
+        except ReplayMismatch as error:
+            repository.mark_failed(job, f"the job's strategy changed under it: {error}")
+            return None
+        if isinstance(progress, Finished):
+            repository.mark_succeeded(job, progress.outcome)
+            return None
+        wanted = dict(progress.steps)
+        lease = (job.leases or {}).get(str(seq), {})
+        if seq not in wanted or lease.get("until", 0) > time.time():
+            return None
+        if lease.get("attempts", 0) >= settings.max_stage_attempts:
+            reason = f"last error: {job.error}" if job.error else "worker lost"
+            repository.mark_failed(
+                job,
+                f"stage {seq} ({wanted[seq].kind}) did not complete after "
+                f"{settings.max_stage_attempts} attempts ({reason})",
+            )
+            return None
+        _extend_lease(job, seq, settings.stage_deadline_s, claim=True)
+        job.attempts += 1
+        job.status = "running"
+        job.started_at = job.started_at or utcnow()
+        return repository.job_request(job), wanted[seq]
+
+
+def _next(session: Session, job: Job) -> list[Task]:
+    progress = frontier(job, session)
+    if isinstance(progress, Finished):
+        repository.mark_succeeded(job, progress.outcome)
+        return []
+    if job.cancel_requested:
+        _cancel(job)
+        return []
+    return tasks_for(job.id, progress.steps) if _group_is_fresh(progress) else []
+
+
+def _group_is_fresh(progress: Pending) -> bool:
+    """No step of the group is recorded yet: nobody has enqueued it (or it was lost)."""
+    return len(progress.steps) == len(progress.group)
+
+
+def _locked(session: Session, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
+def _fail(url: str, job_id: str, error: str) -> None:
+    with transaction(url) as session:
+        job = _locked(session, job_id)
+        if job is not None and job.status not in FINAL_JOB_STATUSES:
+            repository.mark_failed(job, error)
+
+
+def note_error(url: str, job_id: str, error: str) -> None:
+    """Keep the last error of an unfinished job, so a job failed by the attempt cap says why."""
+    with transaction(url) as session:
+        job = _locked(session, job_id)
+        if job is not None and job.status not in FINAL_JOB_STATUSES:
+            job.error = error
+
+
+def _cancel(job: Job) -> None:
+    job.status = "cancelled"
+    job.finished_at = job.updated_at = utcnow()
+
+
+# --- cancel and reconcile -----------------------------------------------------------------
+
+
+def request_cancel(session: Session, job: Job) -> None:
+    """Cancel a job: queued ones end now; running ones stop at the next stage boundary
+    (the stage in flight finishes, its record is kept, nothing further runs)."""
+    if job.status in FINAL_JOB_STATUSES:
+        return
+    job.cancel_requested = True
+    if job.status == "queued":
+        _cancel(job)
+    job.updated_at = utcnow()
+
+
+def stuck_jobs(session: Session, deadline_s: float, limit: int = 500) -> list[Job]:
+    cutoff = utcnow() - timedelta(seconds=deadline_s)
+    # A batch's jobs past its feed cursor wait for the batch feeder, not for a lost message.
+    unfed = select(Batch.id).where(Batch.id == Job.batch_id, Job.line > Batch.fed_through_line)
+    return list(
+        session.scalars(
+            select(Job)
+            .where(Job.status.in_(("queued", "running")), Job.updated_at < cutoff)
+            .where(~unfed.exists())
+            .order_by(Job.updated_at)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
+def reconcile(
+    settings: Settings,
+    enqueue: Enqueue,
+    deadline_s: float | None = None,
+    queue_depth: Callable[[str], int] | None = None,
+) -> int:
+    """Re-enqueue the frontier of jobs that made no progress within the deadline; returns
+    how many jobs were re-enqueued.
+
+    A job can look stuck while its message simply waits behind a long queue (a big batch).
+    So while its queue still holds messages, it is re-enqueued only after four deadlines;
+    once the queue is empty, a stuck job's message is surely gone (a lost Redis, a crash
+    between commit and enqueue) and it is re-enqueued at once. Duplicates are harmless
+    (stage writes are idempotent); this only keeps them rare."""
+    deadline_s = settings.stage_deadline_s if deadline_s is None else deadline_s
+    long_ago = utcnow() - timedelta(seconds=4 * deadline_s)
+    tasks: list[Task] = []
+    with transaction(settings.database_url) as session:
+        for job in stuck_jobs(session, deadline_s):
+            if job.cancel_requested:
+                _cancel(job)
+                continue
+            progress = frontier(job, session)
+            if isinstance(progress, Finished):
+                repository.mark_succeeded(job, progress.outcome)
+                continue
+            due = tasks_for(job.id, progress.steps)
+            backlog = queue_depth and any(queue_depth(task.queue) > 0 for task in due)
+            if backlog and job.updated_at > long_ago:
+                continue
+            tasks.extend(due)
+            job.updated_at = utcnow()
+    requeued = len({task.job_id for task in tasks})
+    if tasks:
+        enqueue(tasks)
+        REQUEUED.inc(requeued)
+        log.info("reconciler re-enqueued %d tasks", len(tasks))
+    _feed_batches(settings, enqueue, queue_depth)
+    return requeued
+
+
+def _feed_batches(
+    settings: Settings, enqueue: Enqueue, queue_depth: Callable[[str], int] | None
+) -> None:
+    """Batches put their jobs on the queues gradually: each reconciler pass tops them up."""
+    from services.optional import present
+
+    for batches in present("services.batches"):
+        batches.feed(settings, enqueue, queue_depth)

@@ -1,0 +1,84 @@
+"""Prometheus metrics and structured (JSON) logs, shared by the API and the workers.
+
+Metric names (the Grafana dashboard in dashboards/grafana.json is built on them):
+- tandem_jobs{status,strategy}                gauge, from Postgres at scrape time (API)
+- tandem_queue_depth{queue}                   gauge, Redis list length at scrape time (API)
+- tandem_stage_seconds{kind,model}            histogram, one observation per recorded stage
+- tandem_tokens_total{model,type}             counter, type = prompt | cached | generated
+- tandem_tflops_total{model,metric}           counter, metric = paper | prefill
+- tandem_stage_retries_total{queue}           counter, redeliveries after an error
+- tandem_reconciler_requeued_total            counter, jobs re-enqueued by the reconciler
+- tandem_http_request_seconds{method,endpoint,status}   histogram (API)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import Counter, Histogram
+
+from services.core.steps import StageRecord
+
+STAGE_SECONDS = Histogram(
+    "tandem_stage_seconds",
+    "Stage run time on its worker",
+    ["kind", "model"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+TOKENS = Counter("tandem_tokens_total", "Tokens processed by stages", ["model", "type"])
+TFLOPS = Counter("tandem_tflops_total", "TFLOPs spent by stages", ["model", "metric"])
+RETRIES = Counter("tandem_stage_retries_total", "Stage redeliveries after an error", ["queue"])
+REQUEUED = Counter("tandem_reconciler_requeued_total", "Jobs re-enqueued by the reconciler")
+HTTP_SECONDS = Histogram(
+    "tandem_http_request_seconds",
+    "API request latency",
+    ["method", "endpoint", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+def observe_stage(record: StageRecord) -> None:
+    STAGE_SECONDS.labels(record.kind, record.model).observe(record.latency_s)
+    TOKENS.labels(record.model, "prompt").inc(record.prompt_tokens)
+    TOKENS.labels(record.model, "cached").inc(record.cached_prompt_tokens)
+    TOKENS.labels(record.model, "generated").inc(record.generated_tokens)
+    TFLOPS.labels(record.model, "paper").inc(record.tflops)
+    TFLOPS.labels(record.model, "prefill").inc(record.prefill_tflops)
+
+
+# --- logs -------------------------------------------------------------------------------
+
+CONTEXT_FIELDS = ("job_id", "seq", "stage", "owner", "queue", "batch_id", "attempt")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the job context passed
+    with `extra=`. Question text is never among the fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for field in CONTEXT_FIELDS:
+            if hasattr(record, field):
+                entry[field] = getattr(record, field)
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info).splitlines()[-1]
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(level: str = "INFO", json_lines: bool = True) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if json_lines:
+        handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
