@@ -13,6 +13,8 @@ from typing import Any, TextIO
 
 import click
 
+from services.retry import retry_transport
+
 FINAL = ("completed", "failed", "cancelled")
 API_HELP = "API base URL (env TANDEM_API_URL)"
 KEY_HELP = "API key (env TANDEM_API_KEY)"
@@ -73,8 +75,11 @@ def _checked(response) -> dict[str, Any]:
 def _request(client, method: str, path: str, **kwargs) -> dict[str, Any]:
     import httpx
 
+    def send():
+        return client.request(method, path, **kwargs)
+
     try:
-        return _checked(client.request(method, path, **kwargs))
+        return _checked(retry_transport(send) if method == "GET" else send())
     except httpx.HTTPError as error:
         raise Fail(f"cannot reach the API at {client.base_url}: {error}") from None
 

@@ -35,6 +35,7 @@ def api(host: str | None, port: int | None, workers: int | None, threads: int | 
         "threads": threads or settings.api_threads,
         "worker_class": "gthread",
         "timeout": 60,
+        "keepalive": 5,  # longer than a poller's usual pause, so it reuses its connection
         "graceful_timeout": 30,
         "accesslog": None,
         "loglevel": "warning",

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from services.core.answers import is_correct, reference_answer
 from services.core.params import PRESETS, InvalidRequest, parse_job_request
+from services.retry import retry_transport
 
 RESULTS_FILE = "results.jsonl"
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
@@ -232,7 +233,9 @@ class ServiceRunner:
         body = {"question": question.text, "strategy": spec.strategy, "params": spec.params}
         key = _idempotency_key(self.run_tag, spec, question)
         for _ in range(100):
-            response = self.http.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+            response = retry_transport(
+                lambda: self.http.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
+            )
             if response.status_code in (200, 202):
                 return response.json()
             if response.status_code not in (429, 503):
@@ -244,7 +247,7 @@ class ServiceRunner:
         deadline = time.monotonic() + self.timeout_s
         pause = 0.25
         while time.monotonic() < deadline:
-            response = self.http.get(f"/v1/jobs/{job_id}")
+            response = retry_transport(lambda: self.http.get(f"/v1/jobs/{job_id}"))
             if response.status_code != 200:
                 raise EvaluationError(f"reading job {job_id} failed: {_detail(response)}")
             job = response.json()
