@@ -43,7 +43,9 @@ def test_a_dropped_connection_is_retried() -> None:
 
 def test_the_last_error_propagates() -> None:
     port, thread = serve([None, None])
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}") as client:
-        with pytest.raises(httpx.RemoteProtocolError):
-            retry_transport(lambda: client.get("/"), attempts=2, first_pause_s=0.01)
+    with (
+        httpx.Client(base_url=f"http://127.0.0.1:{port}") as client,
+        pytest.raises(httpx.RemoteProtocolError),
+    ):
+        retry_transport(lambda: client.get("/"), attempts=2, first_pause_s=0.01)
     thread.join(5)
