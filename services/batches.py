@@ -614,9 +614,17 @@ def cancel(session: Session, batch: Batch) -> bool:
         return False
     now = utcnow()
     queued = Job.status == "queued"
+    # Lock the rows in id order first: an UPDATE takes them in scan order, which can cross
+    # a worker or the reconciler locking the same jobs and end in a deadlock.
+    unfinished = (
+        select(Job.id)
+        .where(Job.batch_id == batch.id, Job.status.in_(UNFINISHED))
+        .order_by(Job.id)
+        .with_for_update()
+    )
     session.execute(
         update(Job)
-        .where(Job.batch_id == batch.id, Job.status.in_(UNFINISHED))
+        .where(Job.id.in_(unfinished.scalar_subquery()))
         .values(
             cancel_requested=True,
             status=case((queued, "cancelled"), else_=Job.status),

@@ -19,7 +19,7 @@ from services.api.docs import ERRORS, add_paths
 from services.api.jobs import _decode_cursor, _encode_cursor, _limit
 from services.api.problems import Problem
 from services.core.params import InvalidRequest
-from services.storage.db import transaction
+from services.storage.db import in_transaction, transaction
 from services.storage.models import BATCH_STATUSES, Batch
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
@@ -255,11 +255,14 @@ def _jsonl(lines: Iterable[dict[str, Any]]) -> Iterator[bytes]:
 def cancel_batch(batch_id: str) -> Response:
     owner = authenticate()
     url = settings().database_url
-    with transaction(url) as session:
+
+    def cancel(session: Session) -> None:
         batch = owned(session, batch_id, owner, lock=True)
         if batch.status == "validating":
             raise Problem(409, "the batch is still being uploaded; cancel it once it is accepted")
         batches.cancel(session, batch)
+
+    in_transaction(url, cancel)  # the UPDATE of many jobs can lose a deadlock: run it again
     return jsonify(view(batch_id, owner))
 
 

@@ -20,7 +20,7 @@ from services.api.problems import Problem
 from services.core.cost import totals
 from services.core.params import InvalidRequest, parse_job_request
 from services.storage import repository
-from services.storage.db import transaction
+from services.storage.db import in_transaction, transaction
 from services.storage.models import JOB_STATUSES, Job
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
@@ -139,11 +139,14 @@ def get_job(job_id: str) -> Response:
 @bp.post("/<job_id>/cancel")
 def cancel_job(job_id: str) -> Response:
     owner = authenticate()
-    with transaction(settings().database_url) as session:
+
+    def cancel(session: Session) -> dict[str, Any]:
         job = owned_job(session, job_id, owner, with_stages=False)
         session.refresh(job, with_for_update=True)
         job_service.request_cancel(session, job)
-        return jsonify(job_json(job, with_stages=False))
+        return job_json(job, with_stages=False)
+
+    return jsonify(in_transaction(settings().database_url, cancel))
 
 
 @bp.get("")

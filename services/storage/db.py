@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+T = TypeVar("T")
 _engines: dict[str, Engine] = {}
 _lock = threading.Lock()
 
@@ -61,6 +66,27 @@ def transaction(url: str) -> Iterator[Session]:
     """A session whose work commits at the end of the block, or rolls back on error."""
     with session_factory(url).begin() as session:
         yield session
+
+
+# SQLSTATEs of a transaction Postgres aborted only because of a concurrent one: deadlock
+# victim (40P01), serialization failure (40001). Running it again is the documented cure.
+_RETRYABLE_SQLSTATES = {"40P01", "40001"}
+
+
+def in_transaction(url: str, work: Callable[[Session], T], attempts: int = 4) -> T:
+    """`work(session)` in a transaction, run again (with a short random pause) when
+    Postgres aborts it as a deadlock victim or on a serialization failure. `work` must be
+    safe to repeat: everything it did in the aborted attempt was rolled back."""
+    for attempt in range(attempts):
+        try:
+            with transaction(url) as session:
+                return work(session)
+        except DBAPIError as error:
+            sqlstate = getattr(error.orig, "sqlstate", None)
+            if sqlstate not in _RETRYABLE_SQLSTATES or attempt == attempts - 1:
+                raise
+            time.sleep(random.uniform(0.01, 0.05) * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 def alembic_config(url: str):
