@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from services.core.params import JobRequest
@@ -61,26 +63,26 @@ def to_record(stage: Stage) -> StageRecord:
 
 
 def load_records(session: Session, job_id: str) -> dict[int, StageRecord]:
-    rows = session.scalars(select(Stage).where(Stage.job_id == job_id).order_by(Stage.seq))
-    return {row.seq: to_record(row) for row in rows}
-
-
-def has_stage(session: Session, job_id: str, seq: int) -> bool:
-    found = session.scalar(select(Stage.id).where(Stage.job_id == job_id, Stage.seq == seq))
-    return found is not None
+    columns = [getattr(Stage, name) for name in RECORD_FIELDS]
+    rows = session.execute(
+        select(Stage.seq, *columns).where(Stage.job_id == job_id).order_by(Stage.seq)
+    )
+    return {row.seq: StageRecord(**row._asdict()) for row in rows}
 
 
 def add_stage(session: Session, job_id: str, record: StageRecord) -> bool:
-    """Insert the record unless (job, seq) already has one. Returns whether it inserted.
-
-    The caller holds the job's row lock, so the check and the insert cannot race; the
-    unique constraint on (job_id, seq) backs it up."""
-    if has_stage(session, job_id, record.seq):
-        return False
+    """Insert the record unless (job, seq) already has one, in one round trip. Returns
+    whether it inserted. The caller holds the job's row lock; the unique constraint on
+    (job_id, seq) is what makes a duplicate a no-op."""
     values = {name: getattr(record, name) for name in RECORD_FIELDS}
-    session.add(Stage(job_id=job_id, seq=record.seq, **values))
-    session.flush()
-    return True
+    dialect = session.get_bind().dialect.name
+    insert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(Stage)
+    statement = (
+        insert.values(job_id=job_id, seq=record.seq, created_at=utcnow(), **values)
+        .on_conflict_do_nothing(index_elements=["job_id", "seq"])
+        .returning(Stage.id)
+    )
+    return session.execute(statement).first() is not None
 
 
 def mark_succeeded(job: Job, outcome: Outcome) -> None:
