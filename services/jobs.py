@@ -18,15 +18,17 @@ Delivery is at-least-once with exactly-once effect:
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -34,14 +36,15 @@ from services.core.backends.base import BackendError, TransientBackendError
 from services.core.engines import Engines
 from services.core.execution import execute
 from services.core.params import JobRequest
-from services.core.steps import QUEUE_OF_ROLE, Step
+from services.core.steps import QUEUE_OF_ROLE, StageRecord, Step
 from services.core.strategies import program_for
 from services.core.workflow import Finished, Pending, ReplayMismatch, advance
 from services.observability import REQUEUED, observe_stage
 from services.settings import Settings
 from services.storage import repository
 from services.storage.db import transaction
-from services.storage.models import FINAL_JOB_STATUSES, Batch, Job, utcnow
+from services.storage.models import FINAL_JOB_STATUSES, Batch, Job, Stage, utcnow
+from services.storage.repository import RECORD_FIELDS
 
 log = logging.getLogger("tandem.jobs")
 
@@ -128,14 +131,15 @@ def run_stage(settings: Settings, engines: Engines, job_id: str, seq: int) -> li
         _release(url, job_id, seq)  # let the redelivery claim it at once
         raise
     with transaction(url) as session:
-        job = _locked(session, job_id)
+        job = _lock_with_records(session, job_id)
         if job is None or job.status in FINAL_JOB_STATUSES:
             return []
         if not repository.add_stage(session, job_id, record):
             return []  # a duplicate delivery got here first; it enqueued what follows
-        job.leases = {k: v for k, v in (job.leases or {}).items() if k != str(seq)}
-        job.updated_at = utcnow()
-        tasks = _next(session, job)
+        job.records[seq] = as_stored(record)
+        tasks, values = _next(job)
+        leases = {k: v for k, v in job.leases.items() if k != str(seq)}
+        _update(session, job_id, leases=leases, **{"updated_at": utcnow(), **values})
     observe_stage(record)
     log.info("stage recorded", extra={"job_id": job_id, "seq": seq, "stage": record.kind})
     return tasks
@@ -167,17 +171,22 @@ def heartbeat(url: str, job_id: str, seq: int, deadline_s: float) -> Iterator[No
         thread.join()
 
 
-def _extend_lease(job: Job, seq: int, deadline_s: float, claim: bool = False) -> int:
-    """Set the stage's lease to expire `deadline_s` from now; a claim also counts an
-    attempt. Returns the stage's attempts."""
+def as_stored(record: StageRecord) -> StageRecord:
+    """The record as reading it back would give it (its output through JSON)."""
+    return replace(record, output=json.loads(json.dumps(record.output)))
+
+
+def _lease(lease: dict[str, Any], deadline_s: float, claim: bool = False) -> dict[str, Any]:
+    """A stage's lease expiring `deadline_s` from now; a claim also counts an attempt."""
+    attempts = lease.get("attempts", 0) + (1 if claim else 0)
+    return {**lease, "attempts": attempts, "until": time.time() + deadline_s}
+
+
+def _extend_lease(job: Job, seq: int, deadline_s: float) -> None:
     leases = dict(job.leases or {})
-    lease = dict(leases.get(str(seq), {"attempts": 0}))
-    lease["until"] = time.time() + deadline_s
-    lease["attempts"] = lease.get("attempts", 0) + (1 if claim else 0)
-    leases[str(seq)] = lease
+    leases[str(seq)] = _lease(leases.get(str(seq), {}), deadline_s)
     job.leases = leases  # a new dict, so the JSON column is seen as changed
     job.updated_at = utcnow()
-    return lease["attempts"]
 
 
 def _release(url: str, job_id: str, seq: int) -> None:
@@ -196,48 +205,55 @@ def _claim(settings: Settings, job_id: str, seq: int) -> tuple[JobRequest, Step]
     the step is already recorded (its recorder enqueued what follows; if that enqueue was
     lost, the reconciler re-enqueues), or another worker holds a live lease on it."""
     with transaction(settings.database_url) as session:
-        job = _locked(session, job_id)
+        job = _lock_with_records(session, job_id)
         if job is None or job.status in FINAL_JOB_STATUSES:
             return None
         if job.cancel_requested:
-            _cancel(job)
+            _update(session, job_id, **repository.cancelled_values())
             return None
         try:
-            progress = frontier(job, session)
+            progress = advance(program_for(job.request), job.records)
         except ReplayMismatch as error:
-            repository.mark_failed(job, f"the job's strategy changed under it: {error}")
+            reason = f"the job's strategy changed under it: {error}"
+            _update(session, job_id, **repository.failed_values(reason))
             return None
         if isinstance(progress, Finished):
-            repository.mark_succeeded(job, progress.outcome)
+            _update(session, job_id, **repository.succeeded_values(progress.outcome))
             return None
         wanted = dict(progress.steps)
-        lease = (job.leases or {}).get(str(seq), {})
+        lease = job.leases.get(str(seq), {})
         if seq not in wanted or lease.get("until", 0) > time.time():
             return None
         if lease.get("attempts", 0) >= settings.max_stage_attempts:
             reason = f"last error: {job.error}" if job.error else "worker lost"
-            repository.mark_failed(
-                job,
+            message = (
                 f"stage {seq} ({wanted[seq].kind}) did not complete after "
-                f"{settings.max_stage_attempts} attempts ({reason})",
+                f"{settings.max_stage_attempts} attempts ({reason})"
             )
+            _update(session, job_id, **repository.failed_values(message))
             return None
-        _extend_lease(job, seq, settings.stage_deadline_s, claim=True)
-        job.attempts += 1
-        job.status = "running"
-        job.started_at = job.started_at or utcnow()
-        return repository.job_request(job), wanted[seq]
+        leases = {**job.leases, str(seq): _lease(lease, settings.stage_deadline_s, claim=True)}
+        now = utcnow()
+        _update(
+            session,
+            job_id,
+            leases=leases,
+            attempts=JOBS.c.attempts + 1,
+            status="running",
+            started_at=func.coalesce(JOBS.c.started_at, now),
+            updated_at=now,
+        )
+        return job.request, wanted[seq]
 
 
-def _next(session: Session, job: Job) -> list[Task]:
-    progress = frontier(job, session)
+def _next(job: LockedJob) -> tuple[list[Task], dict[str, Any]]:
+    """After a stage is recorded: the tasks to enqueue next and the job's new state."""
+    progress = advance(program_for(job.request), job.records)
     if isinstance(progress, Finished):
-        repository.mark_succeeded(job, progress.outcome)
-        return []
+        return [], repository.succeeded_values(progress.outcome)
     if job.cancel_requested:
-        _cancel(job)
-        return []
-    return tasks_for(job.id, progress.steps) if _group_is_fresh(progress) else []
+        return [], repository.cancelled_values()
+    return (tasks_for(job.id, progress.steps) if _group_is_fresh(progress) else []), {}
 
 
 def _group_is_fresh(progress: Pending) -> bool:
@@ -247,6 +263,69 @@ def _group_is_fresh(progress: Pending) -> bool:
 
 def _locked(session: Session, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
+JOBS, STAGES = Job.__table__, Stage.__table__
+_JOB_COLUMNS = ("id", "status", "cancel_requested", "leases", "error", "question", "strategy")
+_JOB_COLUMNS += ("params",)
+
+
+@dataclass
+class LockedJob:
+    """What a stage transaction needs of a job: its state and its records so far."""
+
+    id: str
+    status: str
+    cancel_requested: bool
+    leases: dict[str, Any]
+    error: str | None
+    request: JobRequest
+    records: dict[int, StageRecord]
+
+
+def _lock_with_records(session: Session, job_id: str) -> LockedJob | None:
+    """Lock the job's row and read it with its stage records, in one round trip (the
+    queue hop's hot path: plain SQL rows, no ORM objects)."""
+    stage_columns = [STAGES.c.seq.label("stage_seq")]
+    stage_columns += [STAGES.c[name].label(f"stage_{name}") for name in RECORD_FIELDS]
+    query = (
+        select(*(JOBS.c[name] for name in _JOB_COLUMNS), *stage_columns)
+        .select_from(JOBS.outerjoin(STAGES, STAGES.c.job_id == JOBS.c.id))
+        .where(JOBS.c.id == job_id)
+        .order_by(STAGES.c.seq)
+        .with_for_update(of=JOBS)
+    )
+    rows = [row._mapping for row in session.execute(query)]
+    if not rows:
+        return None
+    first = rows[0]
+    records = {
+        row["stage_seq"]: StageRecord(
+            seq=row["stage_seq"], **{name: row[f"stage_{name}"] for name in RECORD_FIELDS}
+        )
+        for row in rows
+        if row["stage_seq"] is not None
+    }
+    request = JobRequest.model_validate(
+        {
+            "question": first["question"],
+            "strategy": first["strategy"],
+            "params": first["params"] or {},
+        }
+    )
+    return LockedJob(
+        id=job_id,
+        status=first["status"],
+        cancel_requested=first["cancel_requested"],
+        leases=dict(first["leases"] or {}),
+        error=first["error"],
+        request=request,
+        records=records,
+    )
+
+
+def _update(session: Session, job_id: str, **values: Any) -> None:
+    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(**values))
 
 
 def _fail(url: str, job_id: str, error: str) -> None:
@@ -265,8 +344,7 @@ def note_error(url: str, job_id: str, error: str) -> None:
 
 
 def _cancel(job: Job) -> None:
-    job.status = "cancelled"
-    job.finished_at = job.updated_at = utcnow()
+    repository.mark_cancelled(job)
 
 
 # --- cancel and reconcile -----------------------------------------------------------------

@@ -85,18 +85,43 @@ def add_stage(session: Session, job_id: str, record: StageRecord) -> bool:
     return session.execute(statement).first() is not None
 
 
+def succeeded_values(outcome: Outcome) -> dict[str, Any]:
+    now = utcnow()
+    return {
+        "status": "succeeded",
+        "answer": outcome.answer,
+        "final_text": outcome.final_text,
+        "summary": outcome.summary,
+        "finished_at": now,
+        "updated_at": now,
+    }
+
+
+def failed_values(error: str) -> dict[str, Any]:
+    now = utcnow()
+    return {"status": "failed", "error": error, "finished_at": now, "updated_at": now}
+
+
+def cancelled_values() -> dict[str, Any]:
+    now = utcnow()
+    return {"status": "cancelled", "finished_at": now, "updated_at": now}
+
+
 def mark_succeeded(job: Job, outcome: Outcome) -> None:
-    job.status = "succeeded"
-    job.answer = outcome.answer
-    job.final_text = outcome.final_text
-    job.summary = outcome.summary
-    job.finished_at = job.updated_at = utcnow()
+    _assign(job, succeeded_values(outcome))
 
 
 def mark_failed(job: Job, error: str) -> None:
-    job.status = "failed"
-    job.error = error
-    job.finished_at = job.updated_at = utcnow()
+    _assign(job, failed_values(error))
+
+
+def mark_cancelled(job: Job) -> None:
+    _assign(job, cancelled_values())
+
+
+def _assign(job: Job, values: dict[str, Any]) -> None:
+    for name, value in values.items():
+        setattr(job, name, value)
 
 
 def stage_json(stage: StageRecord | Stage) -> dict[str, Any]:
