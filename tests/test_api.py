@@ -103,6 +103,8 @@ def test_list_filters_and_cursor_pagination(client: FlaskClient, api_key: str) -
         ({"question": QUESTION, "strategy": "nope"}, 422, "unknown strategy"),
         ({"question": QUESTION, "colour": "red"}, 422, "colour: unknown field"),
         ({"question": QUESTION, "params": {"budgets": "0,100"}}, 422, "params.budgets"),
+        ({"question": QUESTION, "params": {"seed": -1}}, 422, "params.seed"),
+        ({"question": QUESTION, "params": {"seed": 10**30}}, 422, "params.seed"),
         ({"question": ["a"]}, 422, "question"),
         ({"question": "x" * 8001}, 422, "limit is 8000"),
         ({}, 422, "question: Field required"),

@@ -39,7 +39,8 @@ class JobParams(BaseModel):
     llm_max_tokens: TokenCount = 1024
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    seed: int | None = None
+    # Engines take an unsigned 32-bit seed (SCoT adds the draft index to it).
+    seed: Annotated[int, Field(ge=0, le=2**32 - 9)] | None = None
     # scot
     # At most 8 drafts: the selection reads one token, so the choices 1..drafts+1 must be
     # single digits.
