@@ -11,6 +11,7 @@ import time
 import redis
 
 QUEUES = ("coordinator", "classifier", "executor")
+FLAG_TTL_S = 7 * 24 * 3600  # hand-off tokens and cancel flags: longer than any job waits
 
 
 class BrokerUnavailable(RuntimeError):
@@ -45,6 +46,23 @@ class Broker:
         with self._lock:
             self._depths, self._checked_at = depths, now
         return depths
+
+    def take_handoff(self, token: str, job_id: str, batch_id: str | None) -> bool:
+        """True for the first delivery of a handed-off stage whose job (and batch) nobody
+        cancelled since; False for a redelivery or a cancelled job. Raises RedisError."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.set(f"tandem:handoff:{token}", 1, nx=True, ex=FLAG_TTL_S)
+        pipe.exists(f"tandem:cancelled:{job_id}", f"tandem:cancelled-batch:{batch_id}")
+        first, cancelled = pipe.execute()
+        return bool(first) and not cancelled
+
+    def flag_cancelled(self, job_id: str | None = None, batch_id: str | None = None) -> None:
+        """Tell handed-off stages not yet started that their job (or batch) is cancelled,
+        so they stop at this stage boundary instead of the next. Raises RedisError."""
+        if job_id:
+            self._client.set(f"tandem:cancelled:{job_id}", 1, ex=FLAG_TTL_S)
+        if batch_id:
+            self._client.set(f"tandem:cancelled-batch:{batch_id}", 1, ex=FLAG_TTL_S)
 
     def ping(self) -> None:
         try:

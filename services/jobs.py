@@ -1,5 +1,6 @@
 """A job's life in service mode: submit, run one stage, decide what comes next, cancel,
-reconcile. Storage is Postgres (the source of truth); queues only carry (job id, seq).
+reconcile. Storage is Postgres (the source of truth); a queue message carries (job id,
+seq) and, when handed off, the lease token and the step computed from Postgres.
 
 Delivery is at-least-once with exactly-once effect:
 - a stage's record and the job's new state commit in one transaction, under the job's row
@@ -9,6 +10,11 @@ Delivery is at-least-once with exactly-once effect:
 - a worker takes a lease on a stage before calling the model, counting the stage's attempt
   in Postgres: a duplicate delivery finds the live lease and is dropped, and a stage that
   keeps killing its worker fails the job after the cap instead of looping;
+- hand-off: the transaction that records a stage also takes the leases of the steps that
+  follow (counting their attempts) with fresh tokens, and their messages carry the token
+  and the step. The first delivery of such a message (a token is used once, in Redis) runs
+  the step without a claim transaction, unless the job was cancelled since (a Redis flag
+  the API sets after the cancel commits); any other delivery takes the full claim above;
 - while a stage runs, its worker heartbeats the lease (and the job's updated_at), so a slow
   stage is never mistaken for a lost one; a failed attempt releases its lease at once;
 - the reconciler re-enqueues the frontier of unfinished jobs with no heartbeat or progress
@@ -22,21 +28,24 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import Any
 
+from redis import RedisError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from services.broker import Broker
 from services.core.backends.base import BackendError, TransientBackendError
 from services.core.engines import Engines
 from services.core.execution import execute
-from services.core.params import JobRequest
-from services.core.steps import QUEUE_OF_ROLE, StageRecord, Step
+from services.core.params import JobParams, JobRequest
+from services.core.steps import QUEUE_OF_ROLE, StageRecord, Step, step_from_json, step_to_json
 from services.core.strategies import program_for
 from services.core.workflow import Finished, Pending, ReplayMismatch, advance
 from services.observability import REQUEUED, observe_stage
@@ -51,11 +60,14 @@ log = logging.getLogger("tandem.jobs")
 
 @dataclass(frozen=True)
 class Task:
-    """A message to put on a queue: run step `seq` of job `job_id`."""
+    """A message to put on a queue: run step `seq` of job `job_id`. A task handed off by
+    the stage before it also carries the lease token, the step and the job's params, so
+    its first delivery starts at once (see `_take_handoff`)."""
 
     job_id: str
     seq: int
     queue: str
+    handoff: dict[str, Any] | None = None
 
 
 Enqueue = Callable[[Sequence[Task]], None]
@@ -111,16 +123,24 @@ def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
 # --- run one stage ----------------------------------------------------------------------
 
 
-def run_stage(settings: Settings, engines: Engines, job_id: str, seq: int) -> list[Task]:
+def run_stage(
+    settings: Settings,
+    engines: Engines,
+    job_id: str,
+    seq: int,
+    handoff: dict[str, Any] | None = None,
+    broker: Broker | None = None,
+) -> list[Task]:
     """Run step `seq` of a job, record it, and return the tasks to enqueue next."""
     url = settings.database_url
-    claim = _claim(settings, job_id, seq)
+    claim = _take_handoff(job_id, handoff, broker) if handoff and broker else None
+    claim = claim or _claim(settings, job_id, seq)
     if claim is None:
         return []
-    request, step = claim
+    params, step = claim
     try:
         with heartbeat(url, job_id, seq, settings.stage_deadline_s):
-            record = execute(seq, step, engines, request.params, request_id=f"{job_id}:{seq}")
+            record = execute(seq, step, engines, params, request_id=f"{job_id}:{seq}")
     except BackendError as error:
         if isinstance(error, TransientBackendError):
             _release(url, job_id, seq)
@@ -137,12 +157,52 @@ def run_stage(settings: Settings, engines: Engines, job_id: str, seq: int) -> li
         if not repository.add_stage(session, job_id, record):
             return []  # a duplicate delivery got here first; it enqueued what follows
         job.records[seq] = as_stored(record)
-        tasks, values = _next(job)
+        next_steps, values = _next(job)
         leases = {k: v for k, v in job.leases.items() if k != str(seq)}
+        tasks = _hand_off(job, next_steps, leases, settings.stage_deadline_s)
         _update(session, job_id, leases=leases, **{"updated_at": utcnow(), **values})
     observe_stage(record)
     log.info("stage recorded", extra={"job_id": job_id, "seq": seq, "stage": record.kind})
     return tasks
+
+
+def _hand_off(
+    job: LockedJob, steps: Sequence[tuple[int, Step]], leases: dict[str, Any], deadline_s: float
+) -> list[Task]:
+    """Claim the next steps for whoever receives their messages, in the transaction that
+    records the stage before them: each gets a lease (its attempt counted) with a fresh
+    token, and its message carries the token and the step. The receiving worker then skips
+    the claim transaction, the costliest part of a queue hop."""
+    tasks = []
+    for seq, step in steps:
+        token = uuid.uuid4().hex
+        leases[str(seq)] = {**_lease(leases.get(str(seq), {}), deadline_s, claim=True)}
+        leases[str(seq)]["token"] = token
+        handoff = {
+            "token": token,
+            "step": step_to_json(step),
+            "params": job.params,
+            "batch_id": job.batch_id,
+        }
+        tasks.append(Task(job.id, seq, QUEUE_OF_ROLE[step.role], handoff))
+    return tasks
+
+
+def _take_handoff(
+    job_id: str, handoff: dict[str, Any], broker: Broker
+) -> tuple[JobParams, Step] | None:
+    """The step of a handed-off task on its first delivery, if its job was not cancelled
+    since; None sends the delivery through the full claim, which sorts out a redelivery
+    (the lease still holds it off, or has expired and is claimed again, counting an
+    attempt) and a cancelled job. Redis marks a token used, so only one delivery of a
+    message takes the short way."""
+    try:
+        if not broker.take_handoff(handoff["token"], job_id, handoff.get("batch_id")):
+            return None
+        return JobParams.model_validate(handoff["params"]), step_from_json(handoff["step"])
+    except (RedisError, KeyError, TypeError, ValueError) as error:
+        log.warning("hand-off not taken: %s", error, extra={"job_id": job_id})
+        return None
 
 
 @contextmanager
@@ -199,7 +259,7 @@ def _release(url: str, job_id: str, seq: int) -> None:
             job.leases = leases
 
 
-def _claim(settings: Settings, job_id: str, seq: int) -> tuple[JobRequest, Step] | None:
+def _claim(settings: Settings, job_id: str, seq: int) -> tuple[JobParams, Step] | None:
     """Take the lease on step `seq` if the job still wants it and nobody holds it, counting
     the attempt. Returns the step to run, or None for a delivery to drop: the job is over,
     the step is already recorded (its recorder enqueued what follows; if that enqueue was
@@ -243,17 +303,17 @@ def _claim(settings: Settings, job_id: str, seq: int) -> tuple[JobRequest, Step]
             started_at=func.coalesce(JOBS.c.started_at, now),
             updated_at=now,
         )
-        return job.request, wanted[seq]
+        return job.request.params, wanted[seq]
 
 
-def _next(job: LockedJob) -> tuple[list[Task], dict[str, Any]]:
-    """After a stage is recorded: the tasks to enqueue next and the job's new state."""
+def _next(job: LockedJob) -> tuple[tuple[tuple[int, Step], ...], dict[str, Any]]:
+    """After a stage is recorded: the steps to enqueue next and the job's new state."""
     progress = advance(program_for(job.request), job.records)
     if isinstance(progress, Finished):
-        return [], repository.succeeded_values(progress.outcome)
+        return (), repository.succeeded_values(progress.outcome)
     if job.cancel_requested:
-        return [], repository.cancelled_values()
-    return (tasks_for(job.id, progress.steps) if _group_is_fresh(progress) else []), {}
+        return (), repository.cancelled_values()
+    return (progress.steps if _group_is_fresh(progress) else ()), {}
 
 
 def _group_is_fresh(progress: Pending) -> bool:
@@ -267,7 +327,7 @@ def _locked(session: Session, job_id: str) -> Job | None:
 
 JOBS, STAGES = Job.__table__, Stage.__table__
 _JOB_COLUMNS = ("id", "status", "cancel_requested", "leases", "error", "question", "strategy")
-_JOB_COLUMNS += ("params",)
+_JOB_COLUMNS += ("params", "batch_id")
 
 
 @dataclass
@@ -279,6 +339,8 @@ class LockedJob:
     cancel_requested: bool
     leases: dict[str, Any]
     error: str | None
+    params: dict[str, Any]  # as stored (only what differs from the defaults)
+    batch_id: str | None
     request: JobRequest
     records: dict[int, StageRecord]
 
@@ -319,6 +381,8 @@ def _lock_with_records(session: Session, job_id: str) -> LockedJob | None:
         cancel_requested=first["cancel_requested"],
         leases=dict(first["leases"] or {}),
         error=first["error"],
+        params=dict(first["params"] or {}),
+        batch_id=first["batch_id"],
         request=request,
         records=records,
     )

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.uuid import uuid
 
+from services.broker import Broker
 from services.core.backends.base import TransientBackendError
 from services.core.engines import Engines
 from services.jobs import Task, note_error, run_stage
@@ -21,6 +22,8 @@ from workers.app import app
 
 log = logging.getLogger("tandem.worker")
 _engines: Engines | None = None
+BATCH_FROM = 8  # more tasks than this are published in pipelined batches
+_broker: Broker | None = None
 _engines_lock = threading.Lock()
 
 
@@ -33,11 +36,20 @@ def engines() -> Engines:
         return _engines
 
 
+def broker() -> Broker:
+    """This worker process's Redis client for hand-off tokens and cancel flags."""
+    global _broker
+    with _engines_lock:
+        if _broker is None:
+            _broker = Broker(get_settings().redis_url)
+        return _broker
+
+
 @app.task(name="tandem.stage", bind=True, max_retries=None)
-def stage(self, job_id: str, seq: int) -> None:
+def stage(self, job_id: str, seq: int, handoff: dict | None = None) -> None:
     settings = get_settings()
     try:
-        tasks = run_stage(settings, engines(), job_id, seq)
+        tasks = run_stage(settings, engines(), job_id, seq, handoff, broker())
     except TransientBackendError as error:
         retry_later(self, job_id, seq, str(error))
     except Exception as error:  # a bug or a crash in the engine: retried, then capped
@@ -66,7 +78,9 @@ def enqueue(tasks: Sequence[Task]) -> None:
         return
     origin = anon_nodename()
     with app.producer_or_acquire() as producer:
-        batch = getattr(producer, "batch", None)  # kombu >= 5.7 pipelines publishes
+        # kombu >= 5.7 pipelines publishes: worth it for a batch's thousands, but its flush
+        # costs about a millisecond more than one plain publish, so a hop's few go direct.
+        batch = getattr(producer, "batch", None) if len(tasks) > BATCH_FROM else None
         with batch(max_size=500) if batch else nullcontext():
             for task in tasks:
                 task_id = uuid()
@@ -74,9 +88,13 @@ def enqueue(tasks: Sequence[Task]) -> None:
                     task_id,
                     stage.name,
                     args=(task.job_id, task.seq),
-                    kwargs={},
+                    kwargs={"handoff": task.handoff} if task.handoff else {},
                     origin=origin,
                     ignore_result=True,
+                    # What `celery inspect` shows; the default repr of a hand-off (a whole
+                    # prompt) would cost more than the rest of the message.
+                    argsrepr=repr((task.job_id, task.seq)),
+                    kwargsrepr="{'handoff': ...}" if task.handoff else "{}",
                 )
                 producer.publish(
                     message.body,

@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services import batches
+from services.api.admission import flag_cancelled
 from services.api.auth import authenticate
 from services.api.docs import ERRORS, add_paths
 from services.api.jobs import _decode_cursor, _encode_cursor, _limit
@@ -263,6 +264,7 @@ def cancel_batch(batch_id: str) -> Response:
         batches.cancel(session, batch)
 
     in_transaction(url, cancel)  # the UPDATE of many jobs can lose a deadlock: run it again
+    flag_cancelled(batch_id=batch_id[:40])
     return jsonify(view(batch_id, owner))
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from services import jobs as job_service
+from services.api.admission import flag_cancelled
 from services.api.auth import authenticate
 from services.api.limits import check_active_quota
 from services.api.problems import Problem
@@ -146,7 +147,9 @@ def cancel_job(job_id: str) -> Response:
         job_service.request_cancel(session, job)
         return job_json(job, with_stages=False)
 
-    return jsonify(in_transaction(settings().database_url, cancel))
+    body = in_transaction(settings().database_url, cancel)
+    flag_cancelled(job_id=body["id"])
+    return jsonify(body)
 
 
 @bp.get("")

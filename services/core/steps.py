@@ -60,6 +60,23 @@ class Judge:
 Step = Generate | Judge
 
 
+def step_to_json(step: Step) -> dict[str, Any]:
+    """A step as plain JSON (it travels in a queue message)."""
+    return {"type": type(step).__name__, **asdict(step)}
+
+
+def step_from_json(data: dict[str, Any]) -> Step:
+    fields = dict(data)
+    kind = fields.pop("type", None)
+    if kind == "Judge":
+        return Judge(**fields)
+    if kind == "Generate":
+        fields["messages"] = tuple(dict(message) for message in fields.get("messages", ()))
+        fields["stop"] = tuple(fields.get("stop", ()))
+        return Generate(**fields)
+    raise ValueError(f"not a step: type {kind!r}")
+
+
 @dataclass(frozen=True)
 class StageRecord:
     """One executed step: what ran, what it cost, what it produced."""

@@ -1,0 +1,128 @@
+"""Stage hand-off: the worker that records a stage claims the next one for whoever gets its
+message, which then skips the claim transaction. Real Postgres, Redis and default model,
+driving `run_stage` in this process the way the Celery task does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from services import jobs
+from services.broker import Broker
+from services.core.engines import Engines
+from services.core.params import parse_job_request
+from services.core.steps import Generate, Judge, step_from_json, step_to_json
+from services.storage.db import transaction
+from services.storage.models import Job, Stage
+
+PARAMS = {"budgets": [0, 12, 24], "executor_max_tokens": 16, "cost_preference": "quality"}
+
+
+def test_steps_survive_their_json_form() -> None:
+    generate = Generate(
+        role="coordinator",
+        kind="coordinator",
+        max_tokens=12,
+        messages=({"role": "user", "content": "2+2?"},),
+        continuation="Goal: add",
+        stop=("\n\n",),
+        seed=7,
+        top_logprobs=5,
+        note="budget 12",
+    )
+    judge = Judge(question="2+2?", hint="Goal: add", stage_index=1, budget=12)
+    for step in (generate, judge):
+        assert step_from_json(step_to_json(step)) == step
+    with pytest.raises(ValueError, match="not a step"):
+        step_from_json({"type": "Shell", "command": "rm"})
+
+
+@pytest.fixture(scope="module")
+def engines(in_process_settings) -> Iterator[Engines]:
+    from services.settings import Settings
+
+    engines = Engines(Settings(local_threads=1))
+    yield engines
+    engines.close()
+
+
+@pytest.fixture
+def broker(in_process_settings) -> Broker:
+    return Broker(in_process_settings.redis_url)
+
+
+def submit(settings) -> list[jobs.Task]:
+    request = parse_job_request({"question": "What is 17 + 25?", "params": PARAMS}, 8000)
+    with transaction(settings.database_url) as session:
+        _job, tasks, _ = jobs.submit(session, "handoff-tests", request)
+    return tasks
+
+
+def stage_seqs(settings, job_id: str) -> list[int]:
+    with transaction(settings.database_url) as session:
+        return list(session.scalars(select(Stage.seq).where(Stage.job_id == job_id)))
+
+
+def job_row(settings, job_id: str) -> Job:
+    with transaction(settings.database_url) as session:
+        return session.get_one(Job, job_id)
+
+
+def test_a_recorded_stage_hands_the_next_one_off(in_process_settings, engines, broker) -> None:
+    settings = in_process_settings
+    [first] = submit(settings)
+    assert first.handoff is None  # the first stage is claimed the usual way
+    [second] = jobs.run_stage(settings, engines, first.job_id, first.seq, None, broker)
+    assert second.handoff is not None
+    lease = job_row(settings, second.job_id).leases[str(second.seq)]
+    assert lease["token"] == second.handoff["token"]
+    assert lease["attempts"] == 1  # counted by the hand-off, not again by the receiver
+
+    following = jobs.run_stage(settings, engines, second.job_id, second.seq, second.handoff, broker)
+    assert stage_seqs(settings, second.job_id) == [0, 1]
+    assert job_row(settings, second.job_id).leases.get(str(second.seq)) is None
+    # The same message again (a redelivery): its token is used, the full claim finds the
+    # stage recorded, nothing runs or is written twice.
+    assert (
+        jobs.run_stage(settings, engines, second.job_id, second.seq, second.handoff, broker) == []
+    )
+    assert stage_seqs(settings, second.job_id) == [0, 1]
+    # The job still finishes through hand-offs.
+    while following:
+        [task] = following
+        following = jobs.run_stage(settings, engines, task.job_id, task.seq, task.handoff, broker)
+    assert job_row(settings, second.job_id).status == "succeeded"
+
+
+def test_a_duplicate_delivery_waits_out_the_live_lease(
+    in_process_settings, engines, broker
+) -> None:
+    settings = in_process_settings
+    [first] = submit(settings)
+    [second] = jobs.run_stage(settings, engines, first.job_id, first.seq, None, broker)
+    # Another delivery of this message took the hand-off and is (as far as anyone can
+    # tell) still running: this one must not run the stage.
+    assert broker.take_handoff(second.handoff["token"], second.job_id, None)
+    assert (
+        jobs.run_stage(settings, engines, second.job_id, second.seq, second.handoff, broker) == []
+    )
+    assert stage_seqs(settings, second.job_id) == [0]
+    assert job_row(settings, second.job_id).leases[str(second.seq)]["attempts"] == 1
+
+
+def test_a_cancel_reaches_a_handed_off_stage_before_it_runs(
+    in_process_settings, engines, broker
+) -> None:
+    settings = in_process_settings
+    [first] = submit(settings)
+    [second] = jobs.run_stage(settings, engines, first.job_id, first.seq, None, broker)
+    with transaction(settings.database_url) as session:
+        jobs.request_cancel(session, session.get_one(Job, second.job_id))
+    broker.flag_cancelled(job_id=second.job_id)
+    assert (
+        jobs.run_stage(settings, engines, second.job_id, second.seq, second.handoff, broker) == []
+    )
+    assert stage_seqs(settings, second.job_id) == [0]
+    assert job_row(settings, second.job_id).status == "cancelled"
