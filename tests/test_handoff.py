@@ -60,6 +60,13 @@ def submit(settings) -> list[jobs.Task]:
     return tasks
 
 
+def second_stage(settings, engines: Engines, broker: Broker) -> jobs.Task:
+    """Submit a job and run its first stage; returns the handed-off task that follows."""
+    [first] = submit(settings)
+    [second] = jobs.run_stage(settings, engines, first.job_id, first.seq, None, broker)
+    return second
+
+
 def stage_seqs(settings, job_id: str) -> list[int]:
     with transaction(settings.database_url) as session:
         return list(session.scalars(select(Stage.seq).where(Stage.job_id == job_id)))
@@ -100,8 +107,7 @@ def test_a_duplicate_delivery_waits_out_the_live_lease(
     in_process_settings, engines, broker
 ) -> None:
     settings = in_process_settings
-    [first] = submit(settings)
-    [second] = jobs.run_stage(settings, engines, first.job_id, first.seq, None, broker)
+    second = second_stage(settings, engines, broker)
     # Another delivery of this message took the hand-off and is (as far as anyone can
     # tell) still running: this one must not run the stage.
     assert broker.take_handoff(second.handoff["token"], second.job_id, None)
@@ -116,8 +122,7 @@ def test_a_cancel_reaches_a_handed_off_stage_before_it_runs(
     in_process_settings, engines, broker
 ) -> None:
     settings = in_process_settings
-    [first] = submit(settings)
-    [second] = jobs.run_stage(settings, engines, first.job_id, first.seq, None, broker)
+    second = second_stage(settings, engines, broker)
     with transaction(settings.database_url) as session:
         jobs.request_cancel(session, session.get_one(Job, second.job_id))
     broker.flag_cancelled(job_id=second.job_id)
