@@ -40,6 +40,7 @@ from services.jobs import Task, first_tasks
 from services.settings import Settings
 from services.storage.db import transaction
 from services.storage.models import Batch, Job, Stage, utcnow
+from services.storage.repository import stored_params
 
 LINE_FIELDS = frozenset({"custom_id", "question", "strategy", "params"})
 MAX_CUSTOM_ID = 200
@@ -130,7 +131,7 @@ def parse_defaults(strategy: str | None, params_json: str | None, max_chars: int
     request = parse_job_request(
         {"question": "?", "strategy": strategy, "params": params}, max_chars
     )
-    stored = json.dumps(request.params.model_dump(mode="json", exclude_defaults=True))
+    stored = json.dumps(stored_params(request.params))
     return Defaults(strategy, params, request.params, stored)
 
 
@@ -221,7 +222,7 @@ def _line_request(
 def _params_json(params: JobParams, defaults: Defaults) -> str:
     if params is defaults.validated:
         return defaults.validated_json
-    return json.dumps(params.model_dump(mode="json", exclude_defaults=True))
+    return json.dumps(stored_params(params))
 
 
 def _clip(text: str) -> str:

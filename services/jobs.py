@@ -176,12 +176,12 @@ def _hand_off(
     tasks = []
     for seq, step in steps:
         token = uuid.uuid4().hex
-        leases[str(seq)] = {**_lease(leases.get(str(seq), {}), deadline_s, claim=True)}
-        leases[str(seq)]["token"] = token
+        lease = _lease(leases.get(str(seq), {}), deadline_s, claim=True)
+        leases[str(seq)] = {**lease, "token": token}
         handoff = {
             "token": token,
             "step": step_to_json(step),
-            "params": job.params,
+            "params": repository.stored_params(job.request.params),
             "batch_id": job.batch_id,
         }
         tasks.append(Task(job.id, seq, QUEUE_OF_ROLE[step.role], handoff))
@@ -339,7 +339,6 @@ class LockedJob:
     cancel_requested: bool
     leases: dict[str, Any]
     error: str | None
-    params: dict[str, Any]  # as stored (only what differs from the defaults)
     batch_id: str | None
     request: JobRequest
     records: dict[int, StageRecord]
@@ -368,20 +367,13 @@ def _lock_with_records(session: Session, job_id: str) -> LockedJob | None:
         for row in rows
         if row["stage_seq"] is not None
     }
-    request = JobRequest.model_validate(
-        {
-            "question": first["question"],
-            "strategy": first["strategy"],
-            "params": first["params"] or {},
-        }
-    )
+    request = repository.request_of(first["question"], first["strategy"], first["params"])
     return LockedJob(
         id=job_id,
         status=first["status"],
         cancel_requested=first["cancel_requested"],
         leases=dict(first["leases"] or {}),
         error=first["error"],
-        params=dict(first["params"] or {}),
         batch_id=first["batch_id"],
         request=request,
         records=records,
@@ -407,10 +399,6 @@ def note_error(url: str, job_id: str, error: str) -> None:
             job.error = error
 
 
-def _cancel(job: Job) -> None:
-    repository.mark_cancelled(job)
-
-
 # --- cancel and reconcile -----------------------------------------------------------------
 
 
@@ -421,7 +409,7 @@ def request_cancel(session: Session, job: Job) -> None:
         return
     job.cancel_requested = True
     if job.status == "queued":
-        _cancel(job)
+        repository.mark_cancelled(job)
     job.updated_at = utcnow()
 
 
@@ -461,7 +449,7 @@ def reconcile(
     with transaction(settings.database_url) as session:
         for job in stuck_jobs(session, deadline_s):
             if job.cancel_requested:
-                _cancel(job)
+                repository.mark_cancelled(job)
                 continue
             progress = frontier(job, session)
             if isinstance(progress, Finished):

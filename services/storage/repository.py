@@ -9,7 +9,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from services.core.params import JobRequest
+from services.core.params import JobParams, JobRequest
 from services.core.steps import Outcome, StageRecord
 from services.storage.models import Job, Stage, utcnow
 
@@ -43,7 +43,7 @@ def new_job(
         owner=owner,
         strategy=request.strategy,
         question=request.question,
-        params=request.params.model_dump(mode="json", exclude_defaults=True),
+        params=stored_params(request.params),
         status=status,
         idempotency_key=idempotency_key,
         batch_id=batch_id,
@@ -53,9 +53,18 @@ def new_job(
 
 
 def job_request(job: Job) -> JobRequest:
+    return request_of(job.question, job.strategy, job.params)
+
+
+def request_of(question: str, strategy: str, params: dict[str, Any] | None) -> JobRequest:
     return JobRequest.model_validate(
-        {"question": job.question, "strategy": job.strategy, "params": job.params or {}}
+        {"question": question, "strategy": strategy, "params": params or {}}
     )
+
+
+def stored_params(params: JobParams) -> dict[str, Any]:
+    """Params as a job row keeps them: only what differs from the defaults."""
+    return params.model_dump(mode="json", exclude_defaults=True)
 
 
 def to_record(stage: Stage) -> StageRecord:
