@@ -9,9 +9,11 @@ Prints, for each upload size (default 10,000 and 100,000 lines):
   /proc every 10 ms) and its growth over the RSS before the upload (memory flat);
 - the feed rate: jobs put on Redis per second by the API's feeder thread afterwards.
 And embedded (`tandem batch run`'s code): questions/min with one job at a time versus
-TANDEM_LOCAL_MAX_BATCH jobs at once on the local engine (slm_only, 32 tokens); bar: 2x.
+TANDEM_LOCAL_MAX_BATCH jobs at once on one loaded, warmed local engine (slm_only,
+--tokens generated tokens each); bar: 2x.
 
-    .venv/bin/python bench/batch.py [--sizes 10000,100000] [--questions 16] [--skip-embedded]
+    .venv/bin/python bench/batch.py [--sizes 10000,100000] [--questions 32] [--tokens 128]
+        [--threads 2] [--skip-ingest] [--skip-embedded]
 
 Uses the machine's Postgres and Redis (or throwaway ones) with a scratch database and an
 empty Redis database; no workers run, so the jobs stay queued and are dropped at the end.
@@ -203,38 +205,47 @@ def _api_key(url: str) -> str:
         return create_key(session, "bench")
 
 
-def embedded_bench(questions: int) -> tuple[float, float, int]:
+def embedded_bench(questions: int, tokens: int) -> tuple[float, float, int]:
     from services.batch_cli import run_file
+    from services.core.engines import Engines
     from services.settings import get_settings
 
     directory = Path(tempfile.mkdtemp(prefix="tandem-bench-run-"))
     source, warm = directory / "in.jsonl", directory / "warm-in.jsonl"
     write_upload(source, questions)
     write_upload(warm, 1)
-    params = json.dumps({"executor_max_tokens": 32})
-    batch = get_settings().local_max_batch
-    run_file(warm, directory / "warm.jsonl", "slm_only", params, 1, progress=False)
-    timings = []
-    for concurrency in (1, batch):
-        out = directory / f"out-{concurrency}.jsonl"
-        started = time.perf_counter()
-        counts = run_file(source, out, "slm_only", params, concurrency, progress=False)
-        timings.append(time.perf_counter() - started)
-        assert counts["succeeded"] == questions, counts
+    params = json.dumps({"executor_max_tokens": tokens})
+    settings = get_settings()
+    batch = settings.local_max_batch
+    # One engine for both runs, loaded and warmed first: throughput is a rate of the
+    # running engine (a worker or a long `tandem batch run`), not of its start-up.
+    engines = Engines(settings)
+    try:
+        run_file(warm, directory / "warm.jsonl", "slm_only", params, 1, False, engines)
+        timings = []
+        for concurrency in (1, batch):
+            out = directory / f"out-{concurrency}.jsonl"
+            started = time.perf_counter()
+            counts = run_file(source, out, "slm_only", params, concurrency, False, engines)
+            timings.append(time.perf_counter() - started)
+            assert counts["succeeded"] == questions, counts
+    finally:
+        engines.close()
     return timings[0], timings[1], batch
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000")
-    parser.add_argument("--questions", type=int, default=16)
+    parser.add_argument("--questions", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=128, help="executor_max_tokens (embedded)")
     parser.add_argument("--skip-embedded", action="store_true")
     parser.add_argument("--skip-ingest", action="store_true")
     parser.add_argument(
         "--threads",
-        default=os.environ.get("TANDEM_LOCAL_THREADS", "1"),
-        help="llama.cpp threads for the embedded part (TANDEM_LOCAL_THREADS; default 1: "
-        "on a shared machine more threads spin against each other)",
+        default=os.environ.get("TANDEM_LOCAL_THREADS", "0"),
+        help="llama.cpp threads for the embedded part (TANDEM_LOCAL_THREADS; default 0: one "
+        "per core, the engine's default; on a busy machine spinning threads collide, use 1)",
     )
     args = parser.parse_args()
     os.environ["TANDEM_LOCAL_THREADS"] = args.threads
@@ -244,7 +255,7 @@ def main() -> None:
     if not args.skip_ingest:
         report_ingest(ingest_bench(sizes))
     if not args.skip_embedded:
-        report_embedded(args.questions, args.threads)
+        report_embedded(args.questions, args.tokens, args.threads)
 
 
 def report_ingest(rows: list[tuple[int, float, int, int, float, float]]) -> None:
@@ -272,11 +283,13 @@ def report_ingest(rows: list[tuple[int, float, int, int, float, float]]) -> None
     )
 
 
-def report_embedded(questions: int, threads: str) -> None:
-    single_s, batched_s, batch = embedded_bench(questions)
+def report_embedded(questions: int, tokens: int, threads: str) -> None:
+    single_s, batched_s, batch = embedded_bench(questions, tokens)
     single = questions / single_s * 60
     batched = questions / batched_s * 60
-    print(f"embedded, {questions} questions, slm_only, 32 tokens, {threads} llama.cpp thread(s):")
+    print(
+        f"embedded, {questions} questions, slm_only, {tokens} tokens, {threads} llama.cpp thread(s):"
+    )
     print(f"  one at a time       {single_s:7.2f} s  {single:7.1f} questions/min")
     print(f"  {batch} at once (batched) {batched_s:7.2f} s  {batched:7.1f} questions/min")
     ratio = batched / single

@@ -1,6 +1,7 @@
 """Benchmark the in-process engine (LocalBackend) on the default model.
 
     .venv/bin/python bench/engine.py [--threads N] [--tokens 128] [--repeats 3]
+        [--weights auto|as-is] [--batch 8]
 
 Prints warm load time, single-stream greedy decode speed (median of repeats), 8-way
 concurrent aggregate speed (8 different prompts through generate_many) and their ratio.
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.core.backends.base import GenerationRequest
 from services.core.backends.default_model import default_model_path
 from services.core.backends.local import EXACT_STEP_TOKENS, LocalBackend
+from services.core.backends.weights import prepare_weights
 
 TOPICS = [
     "the history of the Roman empire",
@@ -83,8 +85,12 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8, help="concurrent requests (= max_batch)")
     ap.add_argument("--step-tokens", type=int, default=EXACT_STEP_TOKENS)
+    ap.add_argument("--model", type=Path, default=None, help="a GGUF file (default: packaged)")
+    ap.add_argument(
+        "--weights", choices=["auto", "q8_0", "as-is"], default="auto", help="TANDEM_LOCAL_WEIGHTS"
+    )
     args = ap.parse_args()
-    path = default_model_path()
+    path = prepare_weights(args.model or default_model_path(), args.weights)
     load_before = os.getloadavg()[0]
     load = _load_times(path, args)
     with LocalBackend(

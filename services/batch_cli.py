@@ -9,11 +9,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
 from services.retry import retry_transport
+
+if TYPE_CHECKING:
+    from services.core.engines import Engines
 
 FINAL = ("completed", "failed", "cancelled")
 API_HELP = "API base URL (env TANDEM_API_URL)"
@@ -309,9 +312,11 @@ def run_file(
     params_json: str | None,
     concurrency: int,
     progress: bool = True,
+    engines: Engines | None = None,
 ) -> dict[str, int]:
     """Run every new line of `file`, appending one result a line to `output` (in completion
-    order; each result names its `line`). Returns counts by outcome."""
+    order; each result names its `line`). Returns counts by outcome. Loads the models
+    unless given already-loaded `engines` (which are then left open)."""
     from services.batches import parse_defaults
     from services.core.engines import Engines
     from services.settings import get_settings
@@ -319,13 +324,15 @@ def run_file(
     settings = get_settings()
     defaults = parse_defaults(strategy, params_json, settings.max_question_chars)
     done_ids, done_lines = _already_done(output)
-    engines = Engines(settings)
+    owned = engines is None
+    engines = engines or Engines(settings)
     try:
         with _Sink(output, _count_lines(file), progress) as sink:
             _run_lines(file, defaults, settings, engines, sink, done_ids, done_lines, concurrency)
             return sink.counts
     finally:
-        engines.close()
+        if owned:
+            engines.close()
 
 
 def _run_lines(file, defaults, settings, engines, sink, done_ids, done_lines, concurrency) -> None:

@@ -60,8 +60,11 @@ class Settings(BaseSettings):
 
     # Local (llama.cpp) engine
     local_threads: int = Field(default=0, ge=0)  # 0: one per core
-    local_max_batch: int = Field(default=8, ge=1, le=256)
-    local_context: int = Field(default=8192, ge=512)
+    local_max_batch: int = Field(default=16, ge=1, le=256)
+    local_context: int = Field(default=4096, ge=512)  # per sequence
+    # auto: Q4_1/Q5_1 files run as a cached Q8_0 copy (batches 1.5x+ faster, near-lossless)
+    local_weights: Literal["auto", "q8_0", "as-is"] = "auto"
+    model_cache: str | None = None  # where such copies live; default ~/.cache/tandem/models
 
     # HTTP (SGLang / OpenAI-compatible) engine
     http_timeout_s: float = Field(default=300.0, gt=0)

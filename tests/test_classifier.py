@@ -370,10 +370,11 @@ def reference_stats(values: list[float]) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def raw_logits(model_path: Path) -> tuple[list[int], np.ndarray]:
+def raw_logits(engines: Engines) -> tuple[list[int], np.ndarray]:
     from tests.infra import reference_logits
 
-    return reference_logits(model_path, TEXT)
+    # The weights the engine runs (by default a Q8_0 copy of the packaged Q4_1 file).
+    return reference_logits(engines.backend("classifier").model_path, TEXT)  # type: ignore[attr-defined]
 
 
 def exact_series(tokens: list[int], logits: np.ndarray) -> tuple[list[float], list[float]]:

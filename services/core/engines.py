@@ -62,14 +62,16 @@ class Engines:
         if model.backend == "local":
             from services.core.backends.default_model import default_model_path
             from services.core.backends.local import LocalBackend
+            from services.core.backends.weights import prepare_weights
 
             path = default_model_path() if model.model == "default" else Path(model.model)
+            cache = Path(self.settings.model_cache) if self.settings.model_cache else None
             return LocalBackend(
-                path,
+                prepare_weights(path, self.settings.local_weights, cache),
                 n_threads=self.settings.local_threads,
                 max_batch=self.settings.local_max_batch,
                 n_ctx=self.settings.local_context,
-                name="SmolLM2-135M-Instruct" if model.model == "default" else None,
+                name="SmolLM2-135M-Instruct" if model.model == "default" else path.stem,
             )
         if not model.url:
             raise ConfigurationError(

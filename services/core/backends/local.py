@@ -10,7 +10,12 @@ KV cache: one llama.cpp sequence (and KV stream of `n_ctx` cells) per slot, plus
 scoring. A finished request leaves its tokens in its slot, and the next request takes the
 free slot with the longest common token prefix (the prefix cache), so re-sending prompt +
 earlier output costs only the new tokens. Memory: (max_batch + 1) * n_ctx cells, 12 KB
-each for SmolLM2-135M with the 8-bit cache (0.9 GB at the defaults 8 x 8192).
+each for SmolLM2-135M with the 8-bit cache (0.9 GB at the defaults 16 x 4096). Creating
+the context takes time superlinear in that product (0.6 s at 17 x 4096 or 9 x 8192,
+2.5 s at 17 x 8192, measured here).
+
+Weights: Q4_1 files batch poorly on CPU; `weights.prepare_weights` gives the engine a
+near-lossless Q8_0 copy instead (see there; `Engines` does that by default).
 
 Exactness: a request's outputs do not depend on what it was batched with, on how its
 prompt was chunked or on the prefix cache; `score(text)` equals the logprobs a generation
@@ -458,8 +463,8 @@ class LocalBackend:
         model_path: str | Path,
         *,
         n_threads: int = 0,
-        max_batch: int = 8,
-        n_ctx: int = 8192,
+        max_batch: int = 16,
+        n_ctx: int = 4096,
         name: str | None = None,
         step_tokens: int = EXACT_STEP_TOKENS,
     ) -> None:
