@@ -4,7 +4,12 @@ seq) and, when handed off, the lease token and the step computed from Postgres.
 
 Delivery is at-least-once with exactly-once effect:
 - a stage's record and the job's new state commit in one transaction, under the job's row
-  lock, and the next steps are enqueued only after that commit;
+  lock;
+- a stage is recorded only if the job, as committed, asks for exactly that step at that
+  seq (a replay of its strategy over the records). That is what lets the worker publish
+  the next steps as soon as the transaction knows them, before it writes and commits:
+  the next stage's model call overlaps the commit, and if the transaction then fails, the
+  early message's stage is not recorded, and the redelivered stage publishes again;
 - a stage already recorded is never run or written again (unique (job_id, seq));
 - a parallel group (SCoT's drafts) is enqueued once, by whoever records the step before it;
 - a worker takes a lease on a stage before calling the model, counting the stage's attempt
@@ -130,8 +135,12 @@ def run_stage(
     seq: int,
     handoff: dict[str, Any] | None = None,
     broker: Broker | None = None,
+    enqueue: Enqueue | None = None,
 ) -> list[Task]:
-    """Run step `seq` of a job, record it, and return the tasks to enqueue next."""
+    """Run step `seq` of a job and record it. The tasks that follow go to `enqueue` as
+    soon as the recording transaction knows them, before it writes (see the module
+    docstring); without `enqueue`, or if that publish fails, they are returned, for the
+    caller to enqueue after the commit."""
     url = settings.database_url
     claim = _take_handoff(job_id, handoff, broker) if handoff and broker else None
     claim = claim or _claim(settings, job_id, seq)
@@ -150,20 +159,44 @@ def run_stage(
     except BaseException:
         _release(url, job_id, seq)  # let the redelivery claim it at once
         raise
+    finished_at = utcnow()
     with transaction(url) as session:
         job = _lock_with_records(session, job_id)
-        if job is None or job.status in FINAL_JOB_STATUSES:
-            return []
-        if not repository.add_stage(session, job_id, record):
-            return []  # a duplicate delivery got here first; it enqueued what follows
+        if job is None or job.status in FINAL_JOB_STATUSES or not _wanted(job, seq, step):
+            return []  # recorded by a duplicate delivery (which enqueued what follows), or
+            # run on an early message whose sender's transaction then failed
         job.records[seq] = as_stored(record)
         next_steps, values = _next(job)
         leases = {k: v for k, v in job.leases.items() if k != str(seq)}
         tasks = _hand_off(job, next_steps, leases, settings.stage_deadline_s)
+        if enqueue is not None and tasks:
+            tasks = _publish_early(enqueue, tasks, job_id)
+        if not repository.add_stage(session, job_id, record, created_at=finished_at):
+            log.error("stage %s recorded under our row lock", seq, extra={"job_id": job_id})
+            return []
         _update(session, job_id, leases=leases, **{"updated_at": utcnow(), **values})
     observe_stage(record)
     log.info("stage recorded", extra={"job_id": job_id, "seq": seq, "stage": record.kind})
     return tasks
+
+
+def _wanted(job: LockedJob, seq: int, step: Step) -> bool:
+    """Whether the job, as recorded, asks for exactly `step` as step `seq` now."""
+    try:
+        progress = advance(program_for(job.request), job.records)
+    except ReplayMismatch:
+        return False  # the claim of the redelivery fails the job with the reason
+    return isinstance(progress, Pending) and dict(progress.steps).get(seq) == step
+
+
+def _publish_early(enqueue: Enqueue, tasks: list[Task], job_id: str) -> list[Task]:
+    """Publish before the commit; what could not be published is left to after it."""
+    try:
+        enqueue(tasks)
+    except Exception as error:  # the broker is down: the caller retries after the commit
+        log.warning("early publish failed: %s", error, extra={"job_id": job_id})
+        return tasks
+    return []
 
 
 def _hand_off(

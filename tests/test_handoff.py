@@ -131,3 +131,55 @@ def test_a_cancel_reaches_a_handed_off_stage_before_it_runs(
     )
     assert stage_seqs(settings, second.job_id) == [0]
     assert job_row(settings, second.job_id).status == "cancelled"
+
+
+def test_the_next_stage_is_published_before_the_commit(
+    in_process_settings, engines, broker
+) -> None:
+    settings = in_process_settings
+    [first] = submit(settings)
+    published: list[jobs.Task] = []
+
+    def enqueue(tasks) -> None:  # type: ignore[no-untyped-def]
+        # Another connection does not see the stage yet: this runs inside the transaction.
+        assert stage_seqs(settings, first.job_id) == []
+        published.extend(tasks)
+
+    assert jobs.run_stage(settings, engines, first.job_id, 0, None, broker, enqueue) == []
+    [second] = published
+    assert stage_seqs(settings, first.job_id) == [0]
+    assert (
+        job_row(settings, first.job_id).leases[str(second.seq)]["token"]
+        == (second.handoff["token"])
+    )
+    jobs.run_stage(settings, engines, second.job_id, second.seq, second.handoff, broker)
+    assert stage_seqs(settings, first.job_id) == [0, 1]
+
+
+def test_an_early_message_from_a_failed_transaction_records_nothing(
+    in_process_settings, engines, broker, monkeypatch
+) -> None:
+    settings = in_process_settings
+    [first] = submit(settings)
+    published: list[jobs.Task] = []
+
+    def fail(*args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("the database went away mid-transaction")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(jobs.repository, "add_stage", fail)
+        with pytest.raises(RuntimeError, match="went away"):
+            jobs.run_stage(settings, engines, first.job_id, 0, None, broker, published.extend)
+    [orphan] = published  # out before the transaction failed
+    assert stage_seqs(settings, first.job_id) == []
+    # Its receiver runs the step, but the job as committed does not ask for it: dropped.
+    assert (
+        jobs.run_stage(settings, engines, orphan.job_id, orphan.seq, orphan.handoff, broker) == []
+    )
+    assert stage_seqs(settings, first.job_id) == []
+    # The first stage's redelivery (its lease released) records it and hands off anew.
+    jobs._release(settings.database_url, first.job_id, 0)
+    [second] = jobs.run_stage(settings, engines, first.job_id, 0, None, broker)
+    assert second.handoff["token"] != orphan.handoff["token"]
+    jobs.run_stage(settings, engines, second.job_id, second.seq, second.handoff, broker)
+    assert stage_seqs(settings, first.job_id) == [0, 1]

@@ -49,7 +49,7 @@ def broker() -> Broker:
 def stage(self, job_id: str, seq: int, handoff: dict | None = None) -> None:
     settings = get_settings()
     try:
-        tasks = run_stage(settings, engines(), job_id, seq, handoff, broker())
+        tasks = run_stage(settings, engines(), job_id, seq, handoff, broker(), enqueue)
     except TransientBackendError as error:
         retry_later(self, job_id, seq, str(error))
     except Exception as error:  # a bug or a crash in the engine: retried, then capped

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select
@@ -79,15 +80,18 @@ def load_records(session: Session, job_id: str) -> dict[int, StageRecord]:
     return {row.seq: StageRecord(**row._asdict()) for row in rows}
 
 
-def add_stage(session: Session, job_id: str, record: StageRecord) -> bool:
+def add_stage(
+    session: Session, job_id: str, record: StageRecord, created_at: datetime | None = None
+) -> bool:
     """Insert the record unless (job, seq) already has one, in one round trip. Returns
     whether it inserted. The caller holds the job's row lock; the unique constraint on
-    (job_id, seq) is what makes a duplicate a no-op."""
+    (job_id, seq) is what makes a duplicate a no-op. `created_at`: when the stage
+    finished (default: now)."""
     values = {name: getattr(record, name) for name in RECORD_FIELDS}
     dialect = session.get_bind().dialect.name
     insert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(Stage)
     statement = (
-        insert.values(job_id=job_id, seq=record.seq, created_at=utcnow(), **values)
+        insert.values(job_id=job_id, seq=record.seq, created_at=created_at or utcnow(), **values)
         .on_conflict_do_nothing(index_elements=["job_id", "seq"])
         .returning(Stage.id)
     )
