@@ -117,8 +117,9 @@ def main() -> None:
 
     failed = [job["id"] for job in jobs if job["status"] != "succeeded"]
     gaps = sorted(gap for job in jobs for gap in hops_ms(job))
-    p50 = statistics.median(gaps)
-    p99 = gaps[min(len(gaps) - 1, round(0.99 * (len(gaps) - 1)))]
+    p50, p99 = statistics.median(gaps), percentile(gaps, 0.99)
+    firsts = sorted(hops_ms(job)[0] for job in jobs)  # submit -> first stage (a claim)
+    between = sorted(gap for job in jobs for gap in hops_ms(job)[1:])  # handed off
     ratio = services_s / embedded_s
     print(
         f"jobs: {len(questions)} tandem jobs, budgets {PARAMS['budgets']}, "
@@ -132,6 +133,19 @@ def main() -> None:
     )
     print(f"{'queue hop p50':<28}{p50:>9.2f} ms  bar < 10 ms: {'met' if p50 < 10 else 'NOT met'}")
     print(f"{'queue hop p99':<28}{p99:>9.2f} ms  ({len(gaps)} hops)")
+    print(
+        f"{'  stage to stage p50, p99':<28}{statistics.median(between):>9.2f} ms, "
+        f"{percentile(between, 0.99):.2f} ms ({len(between)} hops)"
+    )
+    print(
+        f"{'  submit to first stage p50':<28}{statistics.median(firsts):>9.2f} ms "
+        f"({len(firsts)} hops)"
+    )
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def _api_key(url: str) -> str:

@@ -6,10 +6,13 @@ Delivery is at-least-once with exactly-once effect:
 - a stage's record and the job's new state commit in one transaction, under the job's row
   lock;
 - a stage is recorded only if the job, as committed, asks for exactly that step at that
-  seq (a replay of its strategy over the records). That is what lets the worker publish
-  the next steps as soon as the transaction knows them, before it writes and commits:
-  the next stage's model call overlaps the commit, and if the transaction then fails, the
-  early message's stage is not recorded, and the redelivered stage publishes again;
+  seq (a replay of its strategy over the records). That is what lets a worker publish
+  the next steps as soon as it knows them, before Postgres confirms them: a handed-off
+  stage's message carries the job's history, so its worker replays it with its own
+  record and publishes at once; otherwise the recording transaction publishes before it
+  writes. The next model call overlaps the bookkeeping. If the transaction then fails or
+  finds other steps, an early message's stage is not recorded (the right steps are
+  published by the transaction, or by the stage's redelivery);
 - a stage already recorded is never run or written again (unique (job_id, seq));
 - a parallel group (SCoT's drafts) is enqueued once, by whoever records the step before it;
 - a worker takes a lease on a stage before calling the model, counting the stage's attempt
@@ -61,6 +64,9 @@ from services.storage.models import FINAL_JOB_STATUSES, Batch, Job, Stage, utcno
 from services.storage.repository import RECORD_FIELDS
 
 log = logging.getLogger("tandem.jobs")
+
+# Largest stage output a hand-off message carries, in characters of JSON.
+MAX_HISTORY_CHARS = 64_000
 
 
 @dataclass(frozen=True)
@@ -138,11 +144,13 @@ def run_stage(
     enqueue: Enqueue | None = None,
 ) -> list[Task]:
     """Run step `seq` of a job and record it. The tasks that follow go to `enqueue` as
-    soon as the recording transaction knows them, before it writes (see the module
-    docstring); without `enqueue`, or if that publish fails, they are returned, for the
-    caller to enqueue after the commit."""
+    soon as they are known (see the module docstring): for a handed-off stage, from the
+    history its message carried, before any database round trip; else from the recording
+    transaction, before it writes. Without `enqueue`, or if the broker is down, they are
+    returned, for the caller to enqueue after the commit."""
     url = settings.database_url
     claim = _take_handoff(job_id, handoff, broker) if handoff and broker else None
+    history = handoff if claim is not None else None  # a redelivery's may be stale
     claim = claim or _claim(settings, job_id, seq)
     if claim is None:
         return []
@@ -160,6 +168,9 @@ def run_stage(
         _release(url, job_id, seq)  # let the redelivery claim it at once
         raise
     finished_at = utcnow()
+    sent: list[Task] = []
+    if enqueue is not None and history and "records" in history:
+        sent = _publish_early(enqueue, _predicted(job_id, record, history, settings), job_id)
     with transaction(url) as session:
         job = _lock_with_records(session, job_id)
         if job is None or job.status in FINAL_JOB_STATUSES or not _wanted(job, seq, step):
@@ -168,9 +179,10 @@ def run_stage(
         job.records[seq] = as_stored(record)
         next_steps, values = _next(job)
         leases = {k: v for k, v in job.leases.items() if k != str(seq)}
-        tasks = _hand_off(job, next_steps, leases, settings.stage_deadline_s)
-        if enqueue is not None and tasks:
-            tasks = _publish_early(enqueue, tasks, job_id)
+        tasks = _hand_off(job, next_steps, leases, settings.stage_deadline_s, sent)
+        tasks = [task for task in tasks if task not in sent]
+        if enqueue is not None and _publish_early(enqueue, tasks, job_id):
+            tasks = []
         if not repository.add_stage(session, job_id, record, created_at=finished_at):
             log.error("stage %s recorded under our row lock", seq, extra={"job_id": job_id})
             return []
@@ -190,35 +202,82 @@ def _wanted(job: LockedJob, seq: int, step: Step) -> bool:
 
 
 def _publish_early(enqueue: Enqueue, tasks: list[Task], job_id: str) -> list[Task]:
-    """Publish before the commit; what could not be published is left to after it."""
+    """Publish before the commit; returns what was published ([] if the broker is down:
+    the tasks then go out after the commit, or through the reconciler)."""
+    if not tasks:
+        return []
     try:
         enqueue(tasks)
-    except Exception as error:  # the broker is down: the caller retries after the commit
+    except Exception as error:
         log.warning("early publish failed: %s", error, extra={"job_id": job_id})
-        return tasks
-    return []
+        return []
+    return tasks
+
+
+def _predicted(
+    job_id: str, record: StageRecord, handoff: dict[str, Any], settings: Settings
+) -> list[Task]:
+    """The tasks that follow `record`, from the job's history its hand-off carried: known
+    before any database round trip. The recording transaction then checks them against
+    Postgres (and publishes the right ones itself if the history was stale, e.g. a sibling
+    of a parallel group recorded since)."""
+    try:
+        request = repository.request_of(handoff["question"], handoff["strategy"], handoff["params"])
+        records = {r["seq"]: StageRecord(**r) for r in handoff["records"]}
+        records[record.seq] = as_stored(record)
+        job = LockedJob(
+            job_id, "running", False, {}, None, handoff.get("batch_id"), request, records
+        )
+        next_steps, _ = _next(job)
+    except Exception:  # only a shortcut: the transaction still finds the next steps
+        log.exception("no early hand-off", extra={"job_id": job_id})
+        return []
+    return _hand_off(job, next_steps, {}, settings.stage_deadline_s)
 
 
 def _hand_off(
-    job: LockedJob, steps: Sequence[tuple[int, Step]], leases: dict[str, Any], deadline_s: float
+    job: LockedJob,
+    steps: Sequence[tuple[int, Step]],
+    leases: dict[str, Any],
+    deadline_s: float,
+    sent: Sequence[Task] = (),
 ) -> list[Task]:
     """Claim the next steps for whoever receives their messages, in the transaction that
     records the stage before them: each gets a lease (its attempt counted) with a fresh
-    token, and its message carries the token and the step. The receiving worker then skips
-    the claim transaction, the costliest part of a queue hop."""
+    token, and its message carries the token, the step and the job's history. The
+    receiving worker then skips the claim transaction, the costliest part of a queue hop,
+    and can hand off in turn before it touches Postgres. A step already `sent` (published
+    early, from the same history) keeps its task and token."""
+    history = _history(job)
     tasks = []
     for seq, step in steps:
-        token = uuid.uuid4().hex
+        early = next((t for t in sent if t.seq == seq and t.handoff), None)
+        if early is not None and step_from_json(early.handoff["step"]) == step:  # type: ignore[index]
+            token, task = early.handoff["token"], early  # type: ignore[index]
+        else:
+            token = uuid.uuid4().hex
+            handoff = {**history, "token": token, "step": step_to_json(step)}
+            task = Task(job.id, seq, QUEUE_OF_ROLE[step.role], handoff)
         lease = _lease(leases.get(str(seq), {}), deadline_s, claim=True)
         leases[str(seq)] = {**lease, "token": token}
-        handoff = {
-            "token": token,
-            "step": step_to_json(step),
-            "params": repository.stored_params(job.request.params),
-            "batch_id": job.batch_id,
-        }
-        tasks.append(Task(job.id, seq, QUEUE_OF_ROLE[step.role], handoff))
+        tasks.append(task)
     return tasks
+
+
+def _history(job: LockedJob) -> dict[str, Any]:
+    """What a receiver needs to decide the steps after its own: the request and the
+    records. Left out when large (a long relay, say): the receiver then learns the next
+    steps from Postgres, as a worker without a hand-off does."""
+    history = {
+        "params": repository.stored_params(job.request.params),
+        "batch_id": job.batch_id,
+        "question": job.request.question,
+        "strategy": job.request.strategy,
+        "records": [record.to_dict() for _, record in sorted(job.records.items())],
+    }
+    if sum(len(json.dumps(r["output"])) for r in history["records"]) > MAX_HISTORY_CHARS:
+        del history["records"]
+    return history
 
 
 def _take_handoff(

@@ -183,3 +183,44 @@ def test_an_early_message_from_a_failed_transaction_records_nothing(
     assert second.handoff["token"] != orphan.handoff["token"]
     jobs.run_stage(settings, engines, second.job_id, second.seq, second.handoff, broker)
     assert stage_seqs(settings, first.job_id) == [0, 1]
+
+
+def test_a_handed_off_stage_publishes_what_follows_from_its_history(
+    in_process_settings, engines, broker
+) -> None:
+    settings = in_process_settings
+    second = second_stage(settings, engines, broker)
+    assert [record["seq"] for record in second.handoff["records"]] == [0]
+    calls: list[list[jobs.Task]] = []
+    assert (
+        jobs.run_stage(
+            settings, engines, second.job_id, second.seq, second.handoff, broker, calls.append
+        )
+        == []
+    )
+    # One publish, before the transaction: Postgres agreed, so nothing went out twice.
+    [[third]] = calls
+    assert (
+        job_row(settings, second.job_id).leases[str(third.seq)]["token"] == (third.handoff["token"])
+    )
+    assert [record["seq"] for record in third.handoff["records"]] == [0, 1]
+
+
+def test_a_stale_history_is_corrected_by_the_transaction(
+    in_process_settings, engines, broker
+) -> None:
+    settings = in_process_settings
+    second = second_stage(settings, engines, broker)
+    stale = {**second.handoff, "question": "What is 17 + 26?"}  # not what Postgres holds
+    calls: list[list[jobs.Task]] = []
+    jobs.run_stage(settings, engines, second.job_id, second.seq, stale, broker, calls.append)
+    [[guess], [right]] = calls  # the early guess, then the transaction's own
+    assert guess.seq == right.seq and guess.handoff["step"] != right.handoff["step"]
+    assert (
+        job_row(settings, second.job_id).leases[str(right.seq)]["token"] == (right.handoff["token"])
+    )
+    # The guess runs (its token is fresh) but is not what the job asks for: not recorded.
+    assert jobs.run_stage(settings, engines, guess.job_id, guess.seq, guess.handoff, broker) == []
+    assert stage_seqs(settings, second.job_id) == [0, 1]
+    jobs.run_stage(settings, engines, right.job_id, right.seq, right.handoff, broker)
+    assert stage_seqs(settings, second.job_id) == [0, 1, 2]
