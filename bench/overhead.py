@@ -141,6 +141,14 @@ def main() -> None:
         f"{'  submit to first stage p50':<28}{statistics.median(firsts):>9.2f} ms "
         f"({len(firsts)} hops)"
     )
+    by_kind: dict[str, list[float]] = {}
+    for job in jobs:
+        for stage, gap in list(zip(job["stages"], hops_ms(job), strict=True))[1:]:
+            by_kind.setdefault(stage["kind"], []).append(gap)
+    for kind, kind_gaps in sorted(by_kind.items()):
+        print(
+            f"{'  into ' + kind + ' p50':<28}{statistics.median(kind_gaps):>9.2f} ms ({len(kind_gaps)} hops)"
+        )
 
 
 def percentile(values: list[float], q: float) -> float:
