@@ -533,6 +533,7 @@ class Stack:
         self.base_url = base_url
         self.key = key
         self.redis = redis
+        self.worker_restarts = 0
         self.http = httpx.Client(base_url=base_url, headers=auth(key), timeout=60)
 
     def tandem(self, *args: str) -> str:
@@ -549,6 +550,15 @@ class Stack:
         assert done.returncode == 0, done.stderr
         return done.stdout
 
+    def restart_exited_worker(self) -> None:
+        """Do what compose's `restart: unless-stopped` and Kubernetes do: Celery 5.7 with
+        kombu 5.7 sometimes exits its worker (AttributeError on `hostname` while closing a
+        channel) when Redis goes away under busy threads. No job may be lost either way."""
+        worker = self.processes.running.get("executor")
+        if worker is not None and worker.poll() is not None:
+            self.worker_restarts += 1
+            self.processes.worker("executor", concurrency=8)
+
     def batch(self, batch_id: str) -> dict:
         return self.http.get(f"/v1/batches/{batch_id}").json()
 
@@ -558,6 +568,7 @@ class Stack:
             state = self.batch(batch_id)
             if until(state):
                 return state
+            self.restart_exited_worker()
             time.sleep(0.5)
         logs = {name: self.processes.log(name)[-1500:] for name in self.processes.running}
         raise AssertionError(f"batch {batch_id} stuck: {self.batch(batch_id)}; logs: {logs}")
