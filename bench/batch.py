@@ -287,9 +287,8 @@ def report_embedded(questions: int, tokens: int, threads: str) -> None:
     single_s, batched_s, batch = embedded_bench(questions, tokens)
     single = questions / single_s * 60
     batched = questions / batched_s * 60
-    print(
-        f"embedded, {questions} questions, slm_only, {tokens} tokens, {threads} llama.cpp thread(s):"
-    )
+    shown = threads if threads != "0" else f"{os.cpu_count()} (one per core)"
+    print(f"embedded, {questions} questions, slm_only, {tokens} tokens, {shown} llama.cpp threads:")
     print(f"  one at a time       {single_s:7.2f} s  {single:7.1f} questions/min")
     print(f"  {batch} at once (batched) {batched_s:7.2f} s  {batched:7.1f} questions/min")
     ratio = batched / single
