@@ -4,18 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = (
-    "seq",
-    "kind",
-    "model",
-    "prompt",
-    "cached",
-    "gen",
-    "TFLOPs",
-    "prefill",
-    "latency",
-    "decision",
-)
+COLUMNS = ("seq", "kind", "model", "prompt", "cached", "gen", "TFLOPs", "prefill", "latency", "decision")
 
 
 def _decision(stage: dict[str, Any]) -> str:
@@ -29,16 +18,9 @@ def _decision(stage: dict[str, Any]) -> str:
 def stage_rows(stages: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return [
         (
-            str(s["seq"]),
-            s["kind"],
-            s["model"],
-            str(s["prompt_tokens"]),
-            str(s["cached_prompt_tokens"]),
-            str(s["generated_tokens"]),
-            f"{s['tflops']:.6f}",
-            f"{s['prefill_tflops']:.6f}",
-            f"{s['latency_s']:.2f}s",
-            _decision(s),
+            str(s["seq"]), s["kind"], s["model"], str(s["prompt_tokens"]),
+            str(s["cached_prompt_tokens"]), str(s["generated_tokens"]), f"{s['tflops']:.6f}",
+            f"{s['prefill_tflops']:.6f}", f"{s['latency_s']:.2f}s", _decision(s),
         )
         for s in stages
     ]
@@ -48,16 +30,9 @@ def stage_table(result: dict[str, Any]) -> str:
     cost = result["cost"]
     rows = [*stage_rows(result["stages"])]
     total = (
-        "total",
-        "",
-        "",
-        str(cost["prompt_tokens"]),
-        str(cost["cached_prompt_tokens"]),
-        str(cost["generated_tokens"]),
-        f"{cost['tflops']:.6f}",
-        f"{cost['prefill_tflops']:.6f}",
-        f"{cost['latency_s']:.2f}s",
-        "",
+        "total", "", "", str(cost["prompt_tokens"]), str(cost["cached_prompt_tokens"]),
+        str(cost["generated_tokens"]), f"{cost['tflops']:.6f}", f"{cost['prefill_tflops']:.6f}",
+        f"{cost['latency_s']:.2f}s", "",
     )
     table = [COLUMNS, *rows, total]
     widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
