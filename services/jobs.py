@@ -226,7 +226,14 @@ def _predicted(
         records = {r["seq"]: StageRecord(**r) for r in handoff["records"]}
         records[record.seq] = as_stored(record)
         job = LockedJob(
-            job_id, "running", False, {}, None, handoff.get("batch_id"), request, records
+            id=job_id,
+            status="running",
+            cancel_requested=False,
+            leases={},
+            error=None,
+            batch_id=handoff.get("batch_id"),
+            request=request,
+            records=records,
         )
         next_steps, _ = _next(job)
     except Exception:  # only a shortcut: the transaction still finds the next steps
@@ -248,7 +255,7 @@ def _hand_off(
     receiving worker then skips the claim transaction, the costliest part of a queue hop,
     and can hand off in turn before it touches Postgres. A step already `sent` (published
     early, from the same history) keeps its task and token."""
-    history = _history(job)
+    history: dict[str, Any] | None = None  # built once, and only for a new message
     tasks = []
     for seq, step in steps:
         early = next((t for t in sent if t.seq == seq and t.handoff), None)
@@ -256,6 +263,7 @@ def _hand_off(
             token, task = early.handoff["token"], early  # type: ignore[index]
         else:
             token = uuid.uuid4().hex
+            history = history or _history(job)
             handoff = {**history, "token": token, "step": step_to_json(step)}
             task = Task(job.id, seq, QUEUE_OF_ROLE[step.role], handoff)
         lease = _lease(leases.get(str(seq), {}), deadline_s, claim=True)
