@@ -60,7 +60,7 @@ from services.observability import REQUEUED, observe_stage
 from services.settings import Settings
 from services.storage import repository
 from services.storage.db import transaction
-from services.storage.models import FINAL_JOB_STATUSES, Batch, Job, Stage, utcnow
+from services.storage.models import FINAL_JOB_STATUSES, Batch, Job, Stage, new_id, utcnow
 from services.storage.repository import RECORD_FIELDS
 
 log = logging.getLogger("tandem.jobs")
@@ -101,15 +101,31 @@ def frontier(job: Job, session: Session) -> Pending | Finished:
 
 
 def submit(
-    session: Session, owner: str, request: JobRequest, idempotency_key: str | None = None
+    session: Session,
+    owner: str,
+    request: JobRequest,
+    idempotency_key: str | None = None,
+    deadline_s: float | None = None,
 ) -> tuple[Job, list[Task], bool]:
     """Insert a queued job and return it with its first tasks (to enqueue after commit).
-    With an idempotency key already used by this owner, return that job and no tasks."""
+    With `deadline_s`, the first steps are handed off as any stage's successors are: their
+    leases are taken in this transaction, so the worker that receives one starts the model
+    at once instead of claiming it first. With an idempotency key already used by this
+    owner, return that job and no tasks."""
     if idempotency_key:
         existing = _by_idempotency_key(session, owner, idempotency_key)
         if existing:
             return existing, [], False
     job = repository.new_job(owner, request, idempotency_key=idempotency_key)
+    job.id = new_id("job")  # the messages name it before the insert
+    progress = advance(program_for(request), {})
+    steps = progress.steps if isinstance(progress, Pending) else ()
+    if deadline_s is None:
+        tasks = tasks_for(job.id, steps)
+    else:
+        leases: dict[str, Any] = {}
+        tasks = _hand_off(_unrecorded(job.id, request), steps, leases, deadline_s)
+        job.leases = leases
     try:
         with session.begin_nested():
             session.add(job)
@@ -119,7 +135,21 @@ def submit(
         if existing is None:
             raise
         return existing, [], False
-    return job, first_tasks(job), True
+    return job, tasks, True
+
+
+def _unrecorded(job_id: str, request: JobRequest, batch_id: str | None = None) -> LockedJob:
+    """A job as a stage transaction sees it before any stage is recorded."""
+    return LockedJob(
+        id=job_id,
+        status="queued",
+        cancel_requested=False,
+        leases={},
+        error=None,
+        batch_id=batch_id,
+        request=request,
+        records={},
+    )
 
 
 def first_tasks(job: Job) -> list[Task]:
@@ -155,8 +185,9 @@ def run_stage(
     if claim is None:
         return []
     params, step = claim
+    starts_job = bool(history and history.get("starts_job"))
     try:
-        with heartbeat(url, job_id, seq, settings.stage_deadline_s):
+        with heartbeat(url, job_id, seq, settings.stage_deadline_s, starts_job):
             record = execute(seq, step, engines, params, request_id=f"{job_id}:{seq}")
     except BackendError as error:
         if isinstance(error, TransientBackendError):
@@ -186,6 +217,8 @@ def run_stage(
         if not repository.add_stage(session, job_id, record, created_at=finished_at):
             log.error("stage %s recorded under our row lock", seq, extra={"job_id": job_id})
             return []
+        if job.status == "queued":  # its start beat has not landed (or the stage was quick)
+            values = {**_started(), **values}
         _update(session, job_id, leases=leases, **{"updated_at": utcnow(), **values})
     observe_stage(record)
     log.info("stage recorded", extra={"job_id": job_id, "seq": seq, "stage": record.kind})
@@ -279,6 +312,9 @@ def _history(job: LockedJob) -> dict[str, Any]:
     history = {
         "params": repository.stored_params(job.request.params),
         "batch_id": job.batch_id,
+        # Submit hands off the first steps of a job still queued: the receiver marks it
+        # running (see `heartbeat`).
+        "starts_job": job.status == "queued",
         "question": job.request.question,
         "strategy": job.request.strategy,
         "records": [record.to_dict() for _, record in sorted(job.records.items())],
@@ -306,18 +342,26 @@ def _take_handoff(
 
 
 @contextmanager
-def heartbeat(url: str, job_id: str, seq: int, deadline_s: float) -> Iterator[None]:
+def heartbeat(
+    url: str, job_id: str, seq: int, deadline_s: float, starts_job: bool = False
+) -> Iterator[None]:
     """While a stage runs, keep its lease and the job's updated_at fresh, so neither a
-    duplicate delivery nor the reconciler takes a slow stage for a lost one."""
+    duplicate delivery nor the reconciler takes a slow stage for a lost one. The stage
+    that starts a job (handed off by submit, so nobody claimed it) beats at once, which
+    marks the job running while the model works."""
     stop = threading.Event()
 
     def beat() -> None:
-        while not stop.wait(deadline_s / 3):
+        pause = 0.0 if starts_job else deadline_s / 3
+        while not stop.wait(pause):
+            pause = deadline_s / 3
             try:
                 with transaction(url) as session:
                     job = _locked(session, job_id)
-                    if job is None or job.status != "running":
+                    if job is None or job.status not in ("queued", "running"):
                         return
+                    if job.status == "queued":
+                        _update(session, job_id, **_started())
                     _extend_lease(job, seq, deadline_s)
             except Exception as error:  # a missed beat is not fatal; the next may land
                 log.warning("heartbeat failed: %s", error, extra={"job_id": job_id, "seq": seq})
@@ -329,6 +373,15 @@ def heartbeat(url: str, job_id: str, seq: int, deadline_s: float) -> Iterator[No
     finally:
         stop.set()
         thread.join()
+
+
+def _started() -> dict[str, Any]:
+    """A queued job's values once a stage of it runs."""
+    return {
+        "status": "running",
+        "attempts": JOBS.c.attempts + 1,
+        "started_at": func.coalesce(JOBS.c.started_at, utcnow()),
+    }
 
 
 def as_stored(record: StageRecord) -> StageRecord:

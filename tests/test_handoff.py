@@ -4,6 +4,7 @@ driving `run_stage` in this process the way the Celery task does."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -53,10 +54,10 @@ def broker(in_process_settings) -> Broker:
     return Broker(in_process_settings.redis_url)
 
 
-def submit(settings) -> list[jobs.Task]:
+def submit(settings, deadline_s: float | None = None) -> list[jobs.Task]:
     request = parse_job_request({"question": "What is 17 + 25?", "params": PARAMS}, 8000)
     with transaction(settings.database_url) as session:
-        _job, tasks, _ = jobs.submit(session, "handoff-tests", request)
+        _job, tasks, _ = jobs.submit(session, "handoff-tests", request, deadline_s=deadline_s)
     return tasks
 
 
@@ -224,3 +225,39 @@ def test_a_stale_history_is_corrected_by_the_transaction(
     assert stage_seqs(settings, second.job_id) == [0, 1]
     jobs.run_stage(settings, engines, right.job_id, right.seq, right.handoff, broker)
     assert stage_seqs(settings, second.job_id) == [0, 1, 2]
+
+
+def test_submit_hands_off_the_first_stage(in_process_settings, engines, broker) -> None:
+    settings = in_process_settings
+    [first] = submit(settings, deadline_s=120)
+    assert first.handoff is not None and first.handoff["starts_job"]
+    job = job_row(settings, first.job_id)
+    assert job.status == "queued" and job.leases["0"]["token"] == first.handoff["token"]
+    # Its receiver marks the job running as the model starts (no claim transaction did).
+    with jobs.heartbeat(settings.database_url, first.job_id, 0, 120, starts_job=True):
+        deadline = time.monotonic() + 10
+        while job_row(settings, first.job_id).status == "queued" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        running = job_row(settings, first.job_id)
+    assert running.status == "running" and running.started_at is not None
+    assert running.attempts == 1
+
+    [second] = jobs.run_stage(settings, engines, first.job_id, 0, first.handoff, broker)
+    assert stage_seqs(settings, first.job_id) == [0]
+    assert not second.handoff["starts_job"]
+    job = job_row(settings, first.job_id)
+    assert job.status == "running" and job.started_at == running.started_at
+    assert job.leases.get("0") is None
+
+
+def test_a_job_cancelled_while_queued_drops_its_handed_off_first_stage(
+    in_process_settings, engines, broker
+) -> None:
+    settings = in_process_settings
+    [first] = submit(settings, deadline_s=120)
+    with transaction(settings.database_url) as session:
+        jobs.request_cancel(session, session.get_one(Job, first.job_id))
+    # No cancel flag reached Redis: the stage runs, but its record is not kept.
+    assert jobs.run_stage(settings, engines, first.job_id, 0, first.handoff, broker) == []
+    assert stage_seqs(settings, first.job_id) == []
+    assert job_row(settings, first.job_id).status == "cancelled"

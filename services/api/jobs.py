@@ -120,7 +120,9 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     admission.check(owner)
     with transaction(settings().database_url) as session:
         check_active_quota(session, owner, settings().max_active_jobs)
-        job, tasks, created = job_service.submit(session, owner, job_request, key)
+        job, tasks, created = job_service.submit(
+            session, owner, job_request, key, deadline_s=settings().stage_deadline_s
+        )
         body = job_json(job, with_stages=False)
     try:
         current_app.extensions["tandem.enqueue"](tasks)
