@@ -2,8 +2,8 @@
 through the API, Redis, Celery workers and Postgres, in one run.
 
 Prints the wall-time ratio (services / embedded) and the queue hop latency between
-stages (p50, p99): from a stage's commit (or the job's creation) to the next stage's
-start on its worker. Bars (issue 3): ratio <= 1.10, hop p50 < 10 ms.
+stages (p50, p99): from a stage's model call returning (or the job's creation) to the
+next stage's model call starting on its worker. Bars (issue 3): ratio <= 1.10, hop p50 < 10 ms.
 
     .venv/bin/python bench/overhead.py [--jobs 6]
 

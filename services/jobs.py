@@ -18,11 +18,13 @@ Delivery is at-least-once with exactly-once effect:
 - a worker takes a lease on a stage before calling the model, counting the stage's attempt
   in Postgres: a duplicate delivery finds the live lease and is dropped, and a stage that
   keeps killing its worker fails the job after the cap instead of looping;
-- hand-off: the transaction that records a stage also takes the leases of the steps that
-  follow (counting their attempts) with fresh tokens, and their messages carry the token
-  and the step. The first delivery of such a message (a token is used once, in Redis) runs
-  the step without a claim transaction, unless the job was cancelled since (a Redis flag
-  the API sets after the cancel commits); any other delivery takes the full claim above;
+- hand-off: the transaction that records a stage (or submits the job) also takes the
+  leases of the steps that follow (counting their attempts) with fresh tokens, and their
+  messages carry the token and the step. The first delivery of such a message (a token
+  is used once, in Redis) runs the step without a claim transaction, unless the job was
+  cancelled since (a Redis flag the API sets after the cancel commits); any other
+  delivery takes the full claim above. A job reads `queued` until the worker of its first
+  stage marks it running (a heartbeat at once, beside the model call);
 - while a stage runs, its worker heartbeats the lease (and the job's updated_at), so a slow
   stage is never mistaken for a lost one; a failed attempt releases its lease at once;
 - the reconciler re-enqueues the frontier of unfinished jobs with no heartbeat or progress
