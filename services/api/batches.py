@@ -14,10 +14,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from services import batches
+from services.api import pages
 from services.api.admission import flag_cancelled
 from services.api.auth import authenticate
 from services.api.docs import ERRORS, add_paths
-from services.api.jobs import _decode_cursor, _encode_cursor, _limit
 from services.api.problems import Problem
 from services.core.params import InvalidRequest
 from services.storage.db import in_transaction, transaction
@@ -177,9 +177,7 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
 
 
 def _defaults() -> batches.Defaults:
-    unknown = set(request.args) - {"strategy", "params"}
-    if unknown:
-        raise Problem(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    pages.check_query(request.args, ("strategy", "params"))
     try:
         return batches.parse_defaults(
             request.args.get("strategy"),
@@ -199,27 +197,22 @@ def get_batch(batch_id: str) -> Response:
 def list_batches() -> Response:
     owner = authenticate()
     args = request.args
-    unknown = set(args) - {"status", "limit", "cursor"}
-    if unknown:
-        raise Problem(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-    limit = _limit(args.get("limit", "20"))
+    pages.check_query(args, ("status", "limit", "cursor"))
     query = select(Batch).where(Batch.owner == owner)
     if status := args.get("status"):
         if status not in BATCH_STATUSES:
             raise Problem(400, f"status must be one of {', '.join(BATCH_STATUSES)}")
         query = query.where(Batch.status == status)
-    if cursor := args.get("cursor"):
-        created, last_id = _decode_cursor(cursor)
-        query = query.where(
-            (Batch.created_at < created) | ((Batch.created_at == created) & (Batch.id < last_id))
-        )
-    query = query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
     with transaction(settings().database_url) as session:
-        rows = list(session.scalars(query))
-        page = [batch_json(row, batches.progress(session, row)) for row in rows[:limit]]
-        more = len(rows) > limit
-        next_cursor = _encode_cursor(rows[limit - 1]) if more else None  # type: ignore[arg-type]
-    return jsonify({"object": "list", "data": page, "has_more": more, "next_cursor": next_cursor})
+        page = pages.newest_first(
+            session,
+            query,
+            Batch,
+            args,
+            20,
+            lambda row: batch_json(row, batches.progress(session, row)),
+        )
+    return jsonify(page)
 
 
 @bp.get("/<batch_id>/results")

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
-from sqlalchemy import and_, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
 from services import jobs as job_service
+from services.api import pages
 from services.api.admission import flag_cancelled
 from services.api.auth import authenticate
 from services.api.limits import check_active_quota
@@ -27,7 +26,6 @@ from services.storage.models import JOB_STATUSES, Job
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 log = logging.getLogger("tandem.api.jobs")
 
-MAX_PAGE = 200
 MAX_IDEMPOTENCY_KEY = 200
 ID_MAX = 40
 
@@ -158,10 +156,7 @@ def cancel_job(job_id: str) -> Response:
 def list_jobs() -> Response:
     owner = authenticate()
     args = request.args
-    unknown = set(args) - {"status", "strategy", "batch_id", "limit", "cursor"}
-    if unknown:
-        raise Problem(400, f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-    limit = _limit(args.get("limit", "50"))
+    pages.check_query(args, ("status", "strategy", "batch_id", "limit", "cursor"))
     query = select(Job).where(Job.owner == owner)
     if status := args.get("status"):
         if status not in JOB_STATUSES:
@@ -171,34 +166,8 @@ def list_jobs() -> Response:
         query = query.where(Job.strategy == strategy[:40])
     if batch_id := args.get("batch_id"):
         query = query.where(Job.batch_id == batch_id[:ID_MAX])
-    if cursor := args.get("cursor"):
-        created, last_id = _decode_cursor(cursor)
-        query = query.where(
-            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
-        )
-    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
     with transaction(settings().database_url) as session:
-        rows = list(session.scalars(query))
-        page = [job_json(job, with_stages=False) for job in rows[:limit]]
-        more = len(rows) > limit
-        next_cursor = _encode_cursor(rows[limit - 1]) if more else None
-    return jsonify({"object": "list", "data": page, "has_more": more, "next_cursor": next_cursor})
-
-
-def _limit(raw: str) -> int:
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 6) or not 1 <= int(raw) <= MAX_PAGE:
-        raise Problem(400, f"limit must be a whole number from 1 to {MAX_PAGE}")
-    return int(raw)
-
-
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id])
-    return base64.urlsafe_b64encode(raw.encode()).decode()
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, job_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), str(job_id)
-    except (ValueError, TypeError, binascii.Error, UnicodeError):
-        raise Problem(400, "cursor is not one this API returned") from None
+        page = pages.newest_first(
+            session, query, Job, args, 50, lambda job: job_json(job, with_stages=False)
+        )
+    return jsonify(page)
