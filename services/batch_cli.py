@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -94,27 +95,57 @@ def _request(client, method: str, path: str, **kwargs) -> dict[str, Any]:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--strategy", help="Default strategy for lines without one (default tandem)")
 @click.option("--params", "params_json", help="Default job params, a JSON object")
+@click.option(
+    "--idempotency-key",
+    help="Idempotency-Key of the upload (default: a new one, reused by its own retries)",
+)
 @click.option("--wait", is_flag=True, help="Show a progress bar until the batch ends")
 @api_options
 def submit(
-    file: Path, strategy: str | None, params_json: str | None, wait: bool, api: str, key: str
+    file: Path,
+    strategy: str | None,
+    params_json: str | None,
+    idempotency_key: str | None,
+    wait: bool,
+    api: str,
+    key: str,
 ) -> None:
     query = {
         name: value for name, value in (("strategy", strategy), ("params", params_json)) if value
     }
-    with _client(api, key) as client, file.open("rb") as body:
-        created = _request(
-            client,
-            "POST",
-            "/v1/batches",
-            params=query,
-            content=body,
-            headers={"Content-Type": "application/jsonl"},
-        )
+    headers = {
+        "Content-Type": "application/jsonl",
+        "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
+    }
+    with _client(api, key) as client:
+        created = _upload(client, file, query, headers)
         _describe_upload(created)
         if wait:
             final = watch(client, created["id"], created["lines"]["valid"])
             click.echo(summary(final))
+
+
+def _upload(
+    client, file: Path, query: dict[str, str], headers: dict[str, str], attempts: int = 5
+) -> dict[str, Any]:
+    """POST the file; the Idempotency-Key makes a retry safe after a dropped connection
+    (the API returns the batch the first attempt made) and while the first attempt is
+    still being read (409: wait and ask again)."""
+    import httpx
+
+    def send():
+        with file.open("rb") as body:  # each attempt sends the file from its start
+            return client.post("/v1/batches", params=query, content=body, headers=headers)
+
+    for attempt in range(attempts):
+        try:
+            response = retry_transport(send)
+        except httpx.HTTPError as error:
+            raise Fail(f"cannot reach the API at {client.base_url}: {error}") from None
+        if response.status_code != 409 or attempt == attempts - 1:
+            return _checked(response)
+        time.sleep(float(response.headers.get("Retry-After", "5")))
+    raise AssertionError("unreachable")
 
 
 def _describe_upload(created: dict[str, Any]) -> None:

@@ -33,6 +33,7 @@ from datetime import datetime, timedelta
 from typing import Any, BinaryIO
 
 from sqlalchemy import case, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.core.params import InvalidRequest, JobParams, JobRequest, parse_job_request
@@ -261,15 +262,17 @@ def ingest(
     defaults: Defaults,
     max_chars: int,
     limits: Limits = Limits(),
-) -> Batch:
+    idempotency_key: str | None = None,
+) -> tuple[Batch, bool]:
     """Store a batch and one queued job per valid line of `stream`. Returns the batch
-    (in_progress). Raises BatchRejected when the upload is unusable; the batch is then
-    stored as failed with its reason and errors. Jobs are not enqueued here: see `feed`."""
-    with transaction(url) as session:
-        batch = Batch(owner=owner, strategy=defaults.strategy, params=defaults.params)
-        session.add(batch)
-        session.flush()
-        batch_id = batch.id
+    (in_progress) and True. Raises BatchRejected when the upload is unusable; the batch is
+    then stored as failed with its reason and errors. Jobs are not enqueued here: see
+    `feed`. An `idempotency_key` this owner used before returns that upload's batch and
+    False, without reading `stream` (see `_open`)."""
+    batch_id, created = _open(url, owner, defaults, idempotency_key)
+    if not created:
+        with transaction(url) as session:
+            return session.get_one(Batch, batch_id), False
     reader = LineReader(stream, limits.max_line_bytes)
     tally = _Tally()
     try:
@@ -280,17 +283,56 @@ def ingest(
             duplicates = _remove_duplicates(session, batch_id, limits, len(tally.errors))
             tally.errors += duplicates
             _finish_validation(batch, tally, inserted - len(duplicates), reader.bytes_read)
-            return batch
+            return batch, True
     except BatchRejected as rejected:
         _store_rejection(url, batch_id, rejected, tally, reader.bytes_read)
         raise
     except Exception as error:  # a broken upload, a body over the byte limit, a bug
         reason = getattr(error, "description", None) or f"{type(error).__name__}: {error}"
         try:
-            _store_rejection(url, batch_id, BatchRejected(500, _clip(str(reason))), tally, 0)
+            broken = BatchRejected(500, _clip(str(reason)))
+            _store_rejection(url, batch_id, broken, tally, 0, upload_broke=True)
         except Exception as also:  # the database is gone too: the feeder fails it later
             log.warning("could not mark batch %s failed: %s", batch_id, also)
         raise
+
+
+def _open(
+    url: str, owner: str, defaults: Defaults, idempotency_key: str | None
+) -> tuple[str, bool]:
+    """The new batch's id and True; or, for a key this owner used before, that batch's id
+    and False. A key whose upload broke off (its batch failed before it was read to the
+    end) is free again: a client retries exactly that case."""
+    with transaction(url) as session:
+        if idempotency_key:
+            earlier = _by_idempotency_key(session, owner, idempotency_key)
+            if earlier is not None and not (earlier.metadata_ or {}).get("upload_broke"):
+                return earlier.id, False
+            if earlier is not None:
+                earlier.idempotency_key = None
+                session.flush()
+        batch = Batch(
+            owner=owner,
+            strategy=defaults.strategy,
+            params=defaults.params,
+            idempotency_key=idempotency_key,
+        )
+        try:
+            with session.begin_nested():
+                session.add(batch)
+                session.flush()
+        except IntegrityError:  # the same key raced in from another upload
+            earlier = _by_idempotency_key(session, owner, idempotency_key or "")
+            if earlier is None:
+                raise
+            return earlier.id, False
+        return batch.id, True
+
+
+def _by_idempotency_key(session: Session, owner: str, key: str) -> Batch | None:
+    return session.scalar(
+        select(Batch).where(Batch.owner == owner, Batch.idempotency_key == key).with_for_update()
+    )
 
 
 def _rows(
@@ -459,7 +501,12 @@ def _finish_validation(batch: Batch, tally: _Tally, valid: int, input_bytes: int
 
 
 def _store_rejection(
-    url: str, batch_id: str, rejected: BatchRejected, tally: _Tally, input_bytes: int
+    url: str,
+    batch_id: str,
+    rejected: BatchRejected,
+    tally: _Tally,
+    input_bytes: int,
+    upload_broke: bool = False,
 ) -> None:
     errors = sorted(tally.errors, key=lambda e: e.line)[:1000]
     rejected.batch_id = batch_id
@@ -471,7 +518,8 @@ def _store_rejection(
         batch.invalid_lines = len(tally.errors)
         batch.errors = rejected.errors
         batch.input_bytes = input_bytes
-        batch.metadata_ = {**(batch.metadata_ or {}), "failure": rejected.reason}
+        failure = {"failure": rejected.reason, **({"upload_broke": True} if upload_broke else {})}
+        batch.metadata_ = {**(batch.metadata_ or {}), **failure}
         batch.finished_at = utcnow()
 
 
@@ -795,6 +843,7 @@ def fail_stale_uploads(url: str, older_than_s: float = STALE_UPLOAD_S) -> int:
         )
         for batch in stale:
             batch.status = "failed"
-            batch.metadata_ = {**(batch.metadata_ or {}), "failure": "the upload was interrupted"}
+            failure = {"failure": "the upload was interrupted", "upload_broke": True}
+            batch.metadata_ = {**(batch.metadata_ or {}), **failure}
             batch.finished_at = utcnow()
         return len(stale)

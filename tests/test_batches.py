@@ -264,6 +264,110 @@ def test_list_with_cursor_pagination(client: FlaskClient, api_key: str) -> None:
     problem(client.get("/v1/batches?cursor=%%", headers=auth(api_key)), 400, "cursor")
 
 
+def test_an_upload_repeated_with_its_idempotency_key_returns_the_first_batch(
+    client: FlaskClient, api_key: str, other_key: str, recorder: Recorder
+) -> None:
+    body = jsonl(line("a"), line("b"))
+    first = upload(client, api_key, body, **{"Idempotency-Key": "nightly-2026-11-22"})
+    assert first.status_code == 202
+    batch_id, job_ids = first.get_json()["id"], set()
+    wait_until(lambda: len(_batch_jobs(recorder, client, api_key, batch_id, job_ids)) == 2)
+    again = upload(client, api_key, body, **{"Idempotency-Key": "nightly-2026-11-22"})
+    assert again.status_code == 200, again.get_data(as_text=True)
+    assert again.get_json()["id"] == batch_id and again.get_json()["lines"]["total"] == 2
+    time.sleep(0.2)
+    assert _batch_jobs(recorder, client, api_key, batch_id, set()) == job_ids  # not twice
+    listed = client.get("/v1/batches?limit=200", headers=auth(api_key)).get_json()["data"]
+    assert [b["id"] for b in listed].count(batch_id) == 1
+    # The key is the owner's: another owner's upload with it is a batch of its own.
+    theirs = upload(client, other_key, body, **{"Idempotency-Key": "nightly-2026-11-22"})
+    assert theirs.status_code == 202 and theirs.get_json()["id"] != batch_id
+    long_key = {"Idempotency-Key": "k" * 201}
+    problem(upload(client, api_key, body, **long_key), 400, "Idempotency-Key")
+
+
+def test_an_idempotency_key_whose_upload_broke_off_can_be_used_again(
+    in_process_settings, client: FlaskClient, api_key: str
+) -> None:
+    from services import batches
+    from services.storage.db import transaction
+    from services.storage.models import Batch
+
+    class Broken(io.RawIOBase):
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+            raise ConnectionResetError("the client went away")
+
+    url = in_process_settings.database_url
+    defaults = batches.parse_defaults("slm_only", None, 8000)
+    with pytest.raises(ConnectionResetError):
+        batches.ingest(url, "broken-upload", Broken(), defaults, 8000, idempotency_key="k1")
+    body = io.BytesIO(jsonl(line("a")).encode())
+    batch, created = batches.ingest(
+        url, "broken-upload", body, defaults, 8000, idempotency_key="k1"
+    )
+    assert created and batch.status == "in_progress" and batch.total_lines == 1
+    # A batch that was read to the end keeps its key.
+    body = io.BytesIO(jsonl(line("b")).encode())
+    again, created = batches.ingest(
+        url, "broken-upload", body, defaults, 8000, idempotency_key="k1"
+    )
+    assert not created and again.id == batch.id
+    with transaction(url) as session:  # leave nothing for other tests' feeders
+        batches.cancel(session, session.get_one(Batch, batch.id, with_for_update=True))
+
+
+def test_an_idempotency_key_still_uploading_is_a_conflict(
+    in_process_settings, client: FlaskClient, api_key: str
+) -> None:
+    from services.storage.db import transaction
+    from services.storage.models import Batch
+
+    with transaction(in_process_settings.database_url) as session:  # an upload in flight
+        session.add(Batch(owner="alice", status="validating", idempotency_key="in-flight"))
+    response = upload(client, api_key, jsonl(line("a")), **{"Idempotency-Key": "in-flight"})
+    body = problem(response, 409, "still being read")
+    assert response.headers["Retry-After"] and body["batch_id"]
+
+
+def test_the_cli_retries_an_upload_whose_reply_was_lost(
+    in_process_settings, client: FlaskClient, api_key: str, tmp_path: Path
+) -> None:
+    """`tandem batch submit` against the real API, over a transport that loses the first
+    reply after the API has stored the batch: the retry gets that batch, not a second."""
+    from sqlalchemy import func, select
+
+    from services.batch_cli import _upload
+    from services.storage.db import transaction
+    from services.storage.models import Batch
+
+    class LosesFirstReply(httpx.WSGITransport):
+        replies = 0
+
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            response = super().handle_request(request)
+            self.replies += 1
+            if self.replies == 1:
+                raise httpx.ReadError("connection reset before the reply", request=request)
+            return response
+
+    def batches_of_alice() -> int:
+        with transaction(in_process_settings.database_url) as session:
+            return session.scalar(select(func.count()).where(Batch.owner == "alice"))
+
+    source = tmp_path / "retried.jsonl"
+    source.write_text(jsonl(line("r1"), line("r2")))
+    before = batches_of_alice()
+    transport = LosesFirstReply(app=client.application)
+    with httpx.Client(transport=transport, base_url="http://api", headers=auth(api_key)) as http:
+        headers = {"Content-Type": "application/jsonl", "Idempotency-Key": "retried-upload"}
+        created = _upload(http, source, {"strategy": "slm_only"}, headers)
+    assert transport.replies == 2 and created["lines"]["total"] == 2
+    assert batches_of_alice() == before + 1
+
+
 def _finish(database_url: str, batch_id: str, lines: dict[int, str]) -> None:
     """Play the workers: give jobs of the batch (by line) a final status and a stage."""
     from sqlalchemy import select
@@ -734,8 +838,8 @@ def test_ingest_on_sqlite_too(tmp_path: Path) -> None:
     upgrade(url)
     body = jsonl(line("a"), "nope", line("b", params={"seed": 3}), line("a"))
     defaults = batches.parse_defaults("slm_only", None, 8000)
-    batch = batches.ingest(url, "local", io.BytesIO(body.encode()), defaults, 8000)
-    assert (batch.total_lines, batch.invalid_lines) == (4, 2)
+    batch, created = batches.ingest(url, "local", io.BytesIO(body.encode()), defaults, 8000)
+    assert created and (batch.total_lines, batch.invalid_lines) == (4, 2)
     rows = list(batches.results(url, batch.id, batch.errors))
     assert [(r["line"], r["status"]) for r in rows] == [
         (1, "queued"),

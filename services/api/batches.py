@@ -7,7 +7,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request, url_for
 from sqlalchemy import select
@@ -17,7 +17,8 @@ from services import batches
 from services.api import pages
 from services.api.admission import flag_cancelled
 from services.api.auth import authenticate
-from services.api.docs import ERRORS, add_paths
+from services.api.docs import ERRORS, IDEMPOTENCY_KEY, add_paths
+from services.api.jobs import idempotency_key
 from services.api.problems import Problem
 from services.core.params import InvalidRequest
 from services.storage.db import in_transaction, transaction
@@ -151,18 +152,20 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
             f"send the JSONL body with 'Content-Type: application/jsonl' "
             f"(or {', '.join(CONTENT_TYPES[1:])})",
         )
+    key = idempotency_key()
     defaults = _defaults()
     current_app.extensions["tandem.admission"].check(owner)
     config = settings()
     limits = current_app.config["TANDEM_BATCH_LIMITS"]
     try:
-        batch = batches.ingest(
+        batch, created = batches.ingest(
             config.database_url,
             owner,
             request.stream,  # type: ignore[arg-type]
             defaults,
             config.max_question_chars,
             limits,
+            idempotency_key=key,
         )
     except batches.BatchRejected as rejected:
         raise Problem(
@@ -171,9 +174,33 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
             batch_id=rejected.batch_id,
             errors=rejected.errors[:20],
         ) from None
+    if not created:
+        _discard(request.stream)  # type: ignore[arg-type]
+        return _replayed(batch, owner)
     start_feeding(current_app._get_current_object(), batch.id)  # type: ignore[attr-defined]
     body = batch_json(batch, None)
     return jsonify(body), 202, {"Location": body["status_url"]}
+
+
+def _discard(stream: BinaryIO) -> None:
+    """Read a body to its end unparsed, so the connection can serve the next request."""
+    while stream.read(1 << 16):
+        pass
+
+
+def _replayed(batch: Batch, owner: str) -> tuple[Response, int, dict[str, str]]:
+    """An upload repeated with its Idempotency-Key: the first upload's batch, as it is now.
+    The repeat's body is not read, so it is not checked against the first."""
+    if batch.status == "validating":
+        raise Problem(
+            409,
+            f"an upload with this Idempotency-Key (batch {batch.id}) is still being read; "
+            "retry when it is done",
+            batch_id=batch.id,
+            headers={"Retry-After": "5"},
+        )
+    body = view(batch.id, owner)
+    return jsonify(body), 200, {"Location": body["status_url"]}
 
 
 def _defaults() -> batches.Defaults:
@@ -313,9 +340,19 @@ add_paths(
                         "description": "Default job params for every line, as JSON",
                         "schema": {"type": "string"},
                     },
+                    IDEMPOTENCY_KEY,
                 ],
                 "requestBody": _UPLOAD,
-                "responses": {"202": {"description": "accepted", **_BATCH}, **ERRORS},
+                "responses": {
+                    "202": {"description": "accepted", **_BATCH},
+                    "200": {
+                        "description": "the batch this Idempotency-Key already created "
+                        "(the repeated body is not read)",
+                        **_BATCH,
+                    },
+                    "409": ERRORS["400"],  # an upload with this key is still being read
+                    **ERRORS,
+                },
             },
             "get": {
                 "summary": "List batches, newest first",

@@ -15,6 +15,12 @@ bp = Blueprint("docs", __name__)
 
 PROBLEM = {"$ref": "#/components/responses/Problem"}
 ERRORS = {str(code): PROBLEM for code in (400, 401, 404, 413, 415, 422, 429, 503)}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+}
 
 _paths: dict[str, Any] = {}
 _schemas: dict[str, Any] = {}
@@ -78,14 +84,7 @@ add_paths(
         "/v1/jobs": {
             "post": {
                 "summary": "Submit a reasoning job",
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
-                    }
-                ],
+                "parameters": [IDEMPOTENCY_KEY],
                 "requestBody": {
                     "required": True,
                     "content": {

@@ -104,12 +104,19 @@ def owned_job(session: Session, job_id: str, owner: str, with_stages: bool = Tru
     return job
 
 
-@bp.post("")
-def create_job() -> tuple[Response, int, dict[str, str]]:
-    owner = authenticate()
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key header, if any: the same key from the same owner gets
+    what its first request created."""
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    return key
+
+
+@bp.post("")
+def create_job() -> tuple[Response, int, dict[str, str]]:
+    owner = authenticate()
+    key = idempotency_key()
     try:
         job_request = parse_job_request(json_body(), settings().max_question_chars)
     except InvalidRequest as error:

@@ -74,6 +74,9 @@ class ApiKey(Base):
 
 class Batch(Base):
     __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_batches_owner_idempotency_key"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("batch"))
     owner: Mapped[str] = mapped_column(String(200), index=True)
@@ -86,6 +89,7 @@ class Batch(Base):
     # per-line errors: [{"line": n, "custom_id": ..., "error": ...}]
     errors: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
     input_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
