@@ -33,7 +33,6 @@ from datetime import datetime, timedelta
 from typing import Any, BinaryIO
 
 from sqlalchemy import case, delete, func, insert, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.core.params import InvalidRequest, JobParams, JobRequest, parse_job_request
@@ -41,7 +40,7 @@ from services.jobs import Task, first_tasks
 from services.settings import Settings
 from services.storage.db import transaction
 from services.storage.models import Batch, Job, Stage, utcnow
-from services.storage.repository import stored_params
+from services.storage.repository import add_unless_taken, stored_params
 
 LINE_FIELDS = frozenset({"custom_id", "question", "strategy", "params"})
 MAX_CUSTOM_ID = 200
@@ -317,16 +316,10 @@ def _open(
             params=defaults.params,
             idempotency_key=idempotency_key,
         )
-        try:
-            with session.begin_nested():
-                session.add(batch)
-                session.flush()
-        except IntegrityError:  # the same key raced in from another upload
-            earlier = _by_idempotency_key(session, owner, idempotency_key or "")
-            if earlier is None:
-                raise
-            return earlier.id, False
-        return batch.id, True
+        earlier = add_unless_taken(
+            session, batch, lambda: _by_idempotency_key(session, owner, idempotency_key or "")
+        )
+        return (earlier.id, False) if earlier else (batch.id, True)
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Batch | None:

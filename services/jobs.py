@@ -47,7 +47,6 @@ from typing import Any
 
 from redis import RedisError
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.broker import Broker
@@ -128,16 +127,10 @@ def submit(
         leases: dict[str, Any] = {}
         tasks = _hand_off(_unrecorded(job.id, request), steps, leases, deadline_s)
         job.leases = leases
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:  # the same key raced in from another request
-        existing = _by_idempotency_key(session, owner, idempotency_key or "")
-        if existing is None:
-            raise
-        return existing, [], False
-    return job, tasks, True
+    earlier = repository.add_unless_taken(
+        session, job, lambda: _by_idempotency_key(session, owner, idempotency_key or "")
+    )
+    return (earlier, [], False) if earlier else (job, tasks, True)
 
 
 def _unrecorded(job_id: str, request: JobRequest, batch_id: str | None = None) -> LockedJob:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.core.params import JobParams, JobRequest
@@ -28,6 +30,24 @@ RECORD_FIELDS = (
     "output",
     "attempt",
 )
+
+
+Row = TypeVar("Row")
+
+
+def add_unless_taken(session: Session, row: object, taken: Callable[[], Row | None]) -> Row | None:
+    """Insert `row` (in a savepoint); None once it is in. If a racing request took its
+    idempotency key first, what `taken()` finds instead."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        earlier = taken()
+        if earlier is None:
+            raise
+        return earlier
+    return None
 
 
 def new_job(
