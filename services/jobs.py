@@ -133,7 +133,7 @@ def submit(
     return (earlier, [], False) if earlier else (job, tasks, True)
 
 
-def _unrecorded(job_id: str, request: JobRequest, batch_id: str | None = None) -> LockedJob:
+def _unrecorded(job_id: str, request: JobRequest) -> LockedJob:
     """A job as a stage transaction sees it before any stage is recorded."""
     return LockedJob(
         id=job_id,
@@ -141,7 +141,7 @@ def _unrecorded(job_id: str, request: JobRequest, batch_id: str | None = None) -
         cancel_requested=False,
         leases={},
         error=None,
-        batch_id=batch_id,
+        batch_id=None,
         request=request,
         records={},
     )
