@@ -190,7 +190,7 @@ def _discard(stream: BinaryIO) -> None:
 
 def _replayed(batch: Batch, owner: str) -> tuple[Response, int, dict[str, str]]:
     """An upload repeated with its Idempotency-Key: the first upload's batch, as it is now.
-    The repeat's body is not read, so it is not checked against the first."""
+    The repeat's body is drained unparsed, so it is not checked against the first."""
     if batch.status == "validating":
         raise Problem(
             409,
@@ -347,7 +347,7 @@ add_paths(
                     "202": {"description": "accepted", **_BATCH},
                     "200": {
                         "description": "the batch this Idempotency-Key already created "
-                        "(the repeated body is not read)",
+                        "(the repeated body is not parsed)",
                         **_BATCH,
                     },
                     "409": ERRORS["400"],  # an upload with this key is still being read
