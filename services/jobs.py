@@ -119,13 +119,13 @@ def submit(
             return existing, [], False
     job = repository.new_job(owner, request, idempotency_key=idempotency_key)
     job.id = new_id("job")  # the messages name it before the insert
-    progress = advance(program_for(request), {})
-    steps = progress.steps if isinstance(progress, Pending) else ()
+    steps = _first_steps(request)
     if deadline_s is None:
         tasks = tasks_for(job.id, steps)
     else:
         leases: dict[str, Any] = {}
-        tasks = _hand_off(_unrecorded(job.id, request), steps, leases, deadline_s)
+        unrecorded = _unlocked_view(job.id, request, status="queued")
+        tasks = _hand_off(unrecorded, steps, leases, deadline_s)
         job.leases = leases
     earlier = repository.add_unless_taken(
         session, job, lambda: _by_idempotency_key(session, owner, idempotency_key or "")
@@ -133,23 +133,34 @@ def submit(
     return (earlier, [], False) if earlier else (job, tasks, True)
 
 
-def _unrecorded(job_id: str, request: JobRequest) -> LockedJob:
-    """A job as a stage transaction sees it before any stage is recorded."""
+def _unlocked_view(
+    job_id: str,
+    request: JobRequest,
+    status: str,
+    records: dict[int, StageRecord] | None = None,
+    batch_id: str | None = None,
+) -> LockedJob:
+    """A job as a stage transaction would see it, built without reading Postgres (at
+    submit, or from a hand-off's history): enough to decide and hand off its next steps."""
     return LockedJob(
         id=job_id,
-        status="queued",
+        status=status,
         cancel_requested=False,
         leases={},
         error=None,
-        batch_id=None,
+        batch_id=batch_id,
         request=request,
-        records={},
+        records=records or {},
     )
 
 
 def first_tasks(job: Job) -> list[Task]:
-    progress = advance(program_for(repository.job_request(job)), {})
-    return tasks_for(job.id, progress.steps) if isinstance(progress, Pending) else []
+    return tasks_for(job.id, _first_steps(repository.job_request(job)))
+
+
+def _first_steps(request: JobRequest) -> tuple[tuple[int, Step], ...]:
+    progress = advance(program_for(request), {})
+    return progress.steps if isinstance(progress, Pending) else ()
 
 
 def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
@@ -253,16 +264,7 @@ def _predicted(
         request = repository.request_of(handoff["question"], handoff["strategy"], handoff["params"])
         records = {r["seq"]: StageRecord(**r) for r in handoff["records"]}
         records[record.seq] = as_stored(record)
-        job = LockedJob(
-            id=job_id,
-            status="running",
-            cancel_requested=False,
-            leases={},
-            error=None,
-            batch_id=handoff.get("batch_id"),
-            request=request,
-            records=records,
-        )
+        job = _unlocked_view(job_id, request, "running", records, handoff.get("batch_id"))
         next_steps, _ = _next(job)
     except Exception:  # only a shortcut: the transaction still finds the next steps
         log.exception("no early hand-off", extra={"job_id": job_id})
