@@ -6,13 +6,16 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 QUESTION ?= Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?
 PYTEST_ARGS ?=
+# llama-cpp-python, built once per machine by scripts/llama_wheel.sh (same version as pyproject.toml)
+LLAMA_CPP_VERSION = 0.3.36
 
 .PHONY: install run test test-fast lint bench deploy-check clean
 
 $(BIN)/tandem: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet "$$(PYTHON=$(BIN)/python scripts/llama_wheel.sh $(LLAMA_CPP_VERSION))"
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(BIN)/tandem
 
 install: $(BIN)/tandem
