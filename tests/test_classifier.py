@@ -385,30 +385,22 @@ def test_samples_mixing_feature_computations_do_not_train(tmp_path: Path) -> Non
 def test_a_worker_refuses_an_artifact_served_with_other_features(
     artifact: Path, tmp_path: Path, redis_url: str
 ) -> None:
-    import os
-    import subprocess
+    """A classifier worker started as the tests start every worker, its feature model on an
+    OpenAI-compatible server (top-k features), with an artifact trained on exact ones."""
+    from tests import infra
 
-    from tests.infra import BIN, ROOT
-
-    env = {
-        **os.environ,
+    settings = {
         "TANDEM_CLASSIFIER_ARTIFACT": str(artifact),
         "TANDEM_REDIS_URL": redis_url,
         "TANDEM_FEATURE_BACKEND": "sglang",
         "TANDEM_FEATURE_URL": "http://127.0.0.1:9",
     }
-    result = subprocess.run(
-        [str(BIN / "celery"), "-A", "workers", "worker", "-Q", "classifier", "--pool", "threads"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 78
-    message = [line for line in result.stderr.splitlines() if line.startswith("tandem worker:")]
-    assert len(message) == 1 and "TANDEM_FEATURE_BACKEND" in message[0]
-    assert "Traceback" not in result.stderr
+    worker = infra.Processes(settings, tmp_path).worker("classifier")
+    assert worker.wait(120) == 78  # EX_CONFIG: before taking any message
+    log = (tmp_path / "classifier.log").read_text()
+    refused = [line for line in log.splitlines() if line.startswith("tandem worker:")]
+    assert len(refused) == 1 and "TANDEM_FEATURE_BACKEND" in refused[0]
+    assert "Traceback" not in log
 
 
 # ------------------------------------------------------------------ collection (no model)

@@ -5,7 +5,6 @@ a keyed upload, then 200), and a raw socket that drops connections unanswered.""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +18,7 @@ from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
 from services.client import APIError, RetryPolicy, TandemClient
+from tests.test_retry import serve  # one request per connection; None: dropped unanswered
 
 FAST = RetryPolicy(first_pause_s=0.01, busy_attempts=5)
 
@@ -205,25 +205,6 @@ def test_results_are_streamed_with_the_batch_status() -> None:
 # --- transport errors: a real socket that drops connections --------------------------------
 
 
-def dropping_server(answers: list[bytes | None]) -> tuple[int, threading.Thread]:
-    """One request per connection; None closes the connection without an answer."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def run() -> None:
-        with listener:
-            for answer in answers:
-                connection, _ = listener.accept()
-                with connection:
-                    connection.recv(65536)
-                    if answer is not None:
-                        connection.sendall(answer)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return port, thread
-
-
 def http_json(status: str, payload: dict[str, Any]) -> bytes:
     data = json.dumps(payload).encode()
     head = f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
@@ -231,7 +212,7 @@ def http_json(status: str, payload: dict[str, Any]) -> bytes:
 
 
 def test_a_dropped_connection_is_retried_on_a_keyed_post() -> None:
-    port, thread = dropping_server([None, None, http_json("202 Accepted", {"id": "job_9"})])
+    port, thread = serve([None, None, http_json("202 Accepted", {"id": "job_9"})])
     with TandemClient(f"http://127.0.0.1:{port}", "k", retry=FAST) as client:
         job = client.submit_job("q", idempotency_key="row-9")
     assert job == {"id": "job_9"}
@@ -239,7 +220,7 @@ def test_a_dropped_connection_is_retried_on_a_keyed_post() -> None:
 
 
 def test_a_dropped_connection_ends_an_unkeyed_post() -> None:
-    port, thread = dropping_server([None, http_json("202 Accepted", {"id": "job_9"})])
+    port, thread = serve([None, http_json("202 Accepted", {"id": "job_9"})])
     with (
         TandemClient(f"http://127.0.0.1:{port}", "k", retry=FAST) as client,
         pytest.raises(APIError, match="cannot reach the API") as caught,
@@ -252,7 +233,7 @@ def test_a_dropped_connection_ends_an_unkeyed_post() -> None:
 
 
 def test_transport_retries_are_bounded() -> None:
-    port, thread = dropping_server([None, None])
+    port, thread = serve([None, None])
     policy = RetryPolicy(transport_attempts=2, first_pause_s=0.01)
     with (
         TandemClient(f"http://127.0.0.1:{port}", "k", retry=policy) as client,
