@@ -7,7 +7,8 @@ cancels (cancelling twice is cancelling once), and POSTs carrying an Idempotency
 API answers a repeat with what the first request made):
 
 * a transport error (connection refused or reset, a timeout, a reply lost on the way):
-  again after a pause that doubles, `transport_attempts` tries in all;
+  again after a pause that doubles, `transport_attempts` tries in all
+  (`services.retry.retry_transport`);
 * 429 or 503 (over a rate or quota, queues full, broker or database down: the API accepted
   nothing): again after the response's Retry-After (else `default_retry_after_s`), at
   most `busy_attempts` times;
