@@ -1,27 +1,32 @@
-"""`tandem batch`: submit, watch, fetch and cancel batches over the REST API; feed the
-queues (`feed`); or run a JSONL file in this process with the local engine (`run`)."""
+"""`tandem batch`: submit, watch, fetch and cancel batches over the REST API (through
+`services.client.TandemClient`, whose retry policy covers every call); feed the queues
+(`feed`); or run a JSONL file in this process with the local engine (`run`), resumably
+(results appended durably with `services.jsonl`)."""
 
 from __future__ import annotations
 
 import json
 import threading
 import time
-import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from services.retry import retry_transport
+from services import jsonl
+from services.client import APIError, TandemClient
 
 if TYPE_CHECKING:
+    import httpx
+
     from services.core.engines import Engines
 
 FINAL = ("completed", "failed", "cancelled")
 API_HELP = "API base URL (env TANDEM_API_URL)"
 KEY_HELP = "API key (env TANDEM_API_KEY)"
+T = TypeVar("T")
 
 
 def register(cli: click.Group) -> None:
@@ -52,40 +57,14 @@ def api_options(command):
     )(command)
 
 
-def _client(api: str, key: str):
-    import httpx
-
-    return httpx.Client(
-        base_url=api.rstrip("/"),
-        headers={"Authorization": f"Bearer {key}"},
-        timeout=httpx.Timeout(30.0, read=600.0, write=600.0),
-    )
-
-
-def _checked(response) -> dict[str, Any]:
-    """The response's JSON, or a one-line error naming the problem."""
-    if response.status_code < 400:
-        return response.json()
+def _api(call: Callable[[], T]) -> T:
+    """The call's result, or its APIError as a one-line error (plus a batch's line errors)."""
     try:
-        body = response.json()
-        detail = body.get("detail") or body
-    except ValueError:
-        body, detail = {}, response.text[:300]
-    lines = [f"{response.status_code}: {detail}"]
-    lines += [f"  line {e['line']}: {e['error']}" for e in body.get("errors", [])[:10]]
-    raise Fail("\n".join(lines))
-
-
-def _request(client, method: str, path: str, **kwargs) -> dict[str, Any]:
-    import httpx
-
-    def send():
-        return client.request(method, path, **kwargs)
-
-    try:
-        return _checked(retry_transport(send) if method == "GET" else send())
-    except httpx.HTTPError as error:
-        raise Fail(f"cannot reach the API at {client.base_url}: {error}") from None
+        return call()
+    except APIError as error:
+        lines = [str(error)]
+        lines += [f"  line {e['line']}: {e['error']}" for e in error.problem.get("errors", [])[:10]]
+        raise Fail("\n".join(lines)) from None
 
 
 # --- over the API -----------------------------------------------------------------------
@@ -110,15 +89,8 @@ def submit(
     api: str,
     key: str,
 ) -> None:
-    query = {
-        name: value for name, value in (("strategy", strategy), ("params", params_json)) if value
-    }
-    headers = {
-        "Content-Type": "application/jsonl",
-        "Idempotency-Key": idempotency_key or uuid.uuid4().hex,
-    }
-    with _client(api, key) as client:
-        created = _upload(client, file, query, headers)
+    with TandemClient(api, key) as client:
+        created = _api(lambda: client.upload_batch(file, strategy, params_json, idempotency_key))
         _describe_upload(created)
         if wait:
             final = watch(client, created["id"], created["lines"]["valid"])
@@ -126,26 +98,16 @@ def submit(
 
 
 def _upload(
-    client, file: Path, query: dict[str, str], headers: dict[str, str], attempts: int = 5
+    http: httpx.Client, file: Path, query: dict[str, str], headers: dict[str, str]
 ) -> dict[str, Any]:
-    """POST the file; the Idempotency-Key makes a retry safe after a dropped connection
-    (the API returns the batch the first attempt made) and while the first attempt is
-    still being read (409: wait and ask again)."""
-    import httpx
-
-    def send():
-        with file.open("rb") as body:  # each attempt sends the file from its start
-            return client.post("/v1/batches", params=query, content=body, headers=headers)
-
-    for attempt in range(attempts):
-        try:
-            response = retry_transport(send)
-        except httpx.HTTPError as error:
-            raise Fail(f"cannot reach the API at {client.base_url}: {error}") from None
-        if response.status_code != 409 or attempt == attempts - 1:
-            return _checked(response)
-        time.sleep(float(response.headers.get("Retry-After", "5")))
-    raise AssertionError("unreachable")
+    """`submit`'s upload through an existing httpx.Client (tests drive the API in-process):
+    `TandemClient.upload_batch` with the query's defaults and the headers' key."""
+    client = TandemClient.over(http)
+    return _api(
+        lambda: client.upload_batch(
+            file, query.get("strategy"), query.get("params"), headers.get("Idempotency-Key")
+        )
+    )
 
 
 def _describe_upload(created: dict[str, Any]) -> None:
@@ -160,14 +122,14 @@ def _describe_upload(created: dict[str, Any]) -> None:
         click.echo(f"  ... and {lines['invalid'] - 10} more (see the results)", err=True)
 
 
-def watch(client, batch_id: str, total: int, interval: float = 1.0) -> dict[str, Any]:
+def watch(client: TandemClient, batch_id: str, total: int, interval: float = 1.0) -> dict[str, Any]:
     """Poll the batch with a progress bar (done / failed / cost / ETA) until it ends."""
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="job", desc=batch_id[:16], dynamic_ncols=True)
     try:
         while True:
-            state = _request(client, "GET", f"/v1/batches/{batch_id}")
+            state = _api(lambda: client.get_batch(batch_id))
             counts = state["counts"] or {}
             done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "cancelled"))
             bar.update(done - bar.n)
@@ -213,8 +175,8 @@ def summary(state: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the batch as JSON")
 @api_options
 def status(batch_id: str, as_json: bool, api: str, key: str) -> None:
-    with _client(api, key) as client:
-        state = _request(client, "GET", f"/v1/batches/{batch_id}")
+    with TandemClient(api, key) as client:
+        state = _api(lambda: client.get_batch(batch_id))
     click.echo(json.dumps(state, indent=2) if as_json else summary(state))
 
 
@@ -222,8 +184,8 @@ def status(batch_id: str, as_json: bool, api: str, key: str) -> None:
 @click.option("--limit", type=click.IntRange(1, 200), default=20, show_default=True)
 @api_options
 def list_(limit: int, api: str, key: str) -> None:
-    with _client(api, key) as client:
-        page = _request(client, "GET", "/v1/batches", params={"limit": limit})
+    with TandemClient(api, key) as client:
+        page = _api(lambda: client.list_batches(limit))
     for state in page["data"]:
         click.echo(f"{state['created_at'][:19]}  {summary(state)}")
 
@@ -235,17 +197,12 @@ def list_(limit: int, api: str, key: str) -> None:
 )
 @api_options
 def results(batch_id: str, output: Path | None, api: str, key: str) -> None:
-    import httpx
+    def download() -> None:
+        with client.batch_results(batch_id) as stream:
+            _save(stream.chunks, output, stream.batch_status)
 
-    with _client(api, key) as client:
-        try:
-            with client.stream("GET", f"/v1/batches/{batch_id}/results") as response:
-                if response.status_code >= 400:
-                    response.read()
-                    _checked(response)
-                _save(response.iter_bytes(), output, response.headers.get("X-Batch-Status"))
-        except httpx.HTTPError as error:
-            raise Fail(f"cannot reach the API at {client.base_url}: {error}") from None
+    with TandemClient(api, key) as client:
+        _api(download)
 
 
 def _save(chunks: Iterator[bytes], output: Path | None, status: str | None) -> None:
@@ -266,8 +223,8 @@ def _save(chunks: Iterator[bytes], output: Path | None, status: str | None) -> N
 @click.argument("batch_id")
 @api_options
 def cancel(batch_id: str, api: str, key: str) -> None:
-    with _client(api, key) as client:
-        state = _request(client, "POST", f"/v1/batches/{batch_id}/cancel")
+    with TandemClient(api, key) as client:
+        state = _api(lambda: client.cancel_batch(batch_id))
     click.echo(summary(state))
 
 
@@ -429,21 +386,15 @@ def _invalid(line: int, custom_id: str | None, error: str) -> dict[str, Any]:
 
 
 def _already_done(output: Path) -> tuple[set[str], set[int]]:
-    """custom_ids (and, for lines without one, line numbers) that OUT already has."""
+    """custom_ids (and, for lines without one, line numbers) that OUT already has. A line
+    that is not a result (a torn one left by an older version) is passed over: redone."""
     ids: set[str] = set()
     lines: set[int] = set()
-    if not output.exists():
-        return ids, lines
-    with output.open(encoding="utf-8", errors="replace") as handle:
-        for text in handle:
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interrupted run: it is redone
-            if isinstance(row, dict) and isinstance(row.get("custom_id"), str):
-                ids.add(row["custom_id"])
-            elif isinstance(row, dict) and isinstance(row.get("line"), int):
-                lines.add(row["line"])
+    for _, row in jsonl.read(output, skip_bad=True):
+        if isinstance(row, dict) and isinstance(row.get("custom_id"), str):
+            ids.add(row["custom_id"])
+        elif isinstance(row, dict) and isinstance(row.get("line"), int):
+            lines.add(row["line"])
     return ids, lines
 
 
@@ -453,7 +404,8 @@ def _count_lines(file: Path) -> int:
 
 
 class _Sink:
-    """Appends results to OUT (one JSON a line, flushed) and drives the progress bar."""
+    """Appends results to OUT (one durable JSON line each, `services.jsonl`) and drives the
+    progress bar."""
 
     def __init__(self, output: Path, total: int, progress: bool) -> None:
         self.output = output
@@ -462,22 +414,19 @@ class _Sink:
         self.counts = {"succeeded": 0, "failed": 0, "invalid": 0, "skipped": 0}
         self.tflops = 0.0
         self._lock = threading.Lock()
-        self._handle: TextIO | None = None
+        self._file: jsonl.Appender | None = None
         self._bar: Any = None
 
     def __enter__(self) -> _Sink:
         from tqdm import tqdm
 
-        needs_newline = _ends_without_newline(self.output)
-        self._handle = self.output.open("a", encoding="utf-8")
-        if needs_newline:
-            self._handle.write("\n")
+        self._file = jsonl.Appender(self.output)
         self._bar = tqdm(total=self.total, unit="q", disable=not self.progress, dynamic_ncols=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._handle is not None
-        self._handle.close()
+        assert self._file is not None
+        self._file.close()
         self._bar.close()
 
     def skip(self) -> None:
@@ -486,21 +435,12 @@ class _Sink:
             self._bar.update(1)
 
     def write(self, row: dict[str, Any]) -> None:
-        assert self._handle is not None
+        assert self._file is not None
         with self._lock:
-            self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            self._handle.flush()
+            self._file.append(row)
             self.counts[row["status"]] += 1
             self.tflops += (row["cost"] or {}).get("tflops", 0)
             self._bar.update(1)
             self._bar.set_postfix(
                 failed=self.counts["failed"], tflops=f"{self.tflops:.4g}", refresh=False
             )
-
-
-def _ends_without_newline(path: Path) -> bool:
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as handle:
-        handle.seek(-1, 2)
-        return handle.read(1) != b"\n"

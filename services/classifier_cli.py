@@ -1,5 +1,8 @@
 """`tandem classifier ...`: collect training data, train, evaluate and inspect the trained
-sufficiency classifier (the work itself is in `services.core.classifier`)."""
+sufficiency classifier. The work itself is in `services.core.classifier` (see its package
+docstring); collecting through a running deployment in `services.collect_remote`. This
+layer adds the options, the progress bar and one-line errors.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,15 @@ from typing import Any
 
 import click
 
-from services.core import classifier as clf
+from services.core.classifier.artifact import (
+    load_artifact,
+    read_manifest,
+    report_path,
+    write_report,
+)
+from services.core.classifier.cascade import format_report
+from services.core.classifier.collect import CollectError, CollectSummary, Item
+from services.core.classifier.samples import TrainingError, load_samples
 
 
 class ClassifierCommandError(click.ClickException):
@@ -101,6 +112,7 @@ def collect(
     poll_s: float,
     no_progress: bool,
 ) -> None:
+    from services.core.classifier import collect as collecting
     from services.core.engines import Engines
     from services.core.params import JobParams
     from services.settings import get_settings
@@ -111,25 +123,29 @@ def collect(
         params = JobParams(budgets=_budgets(budgets), executor_max_tokens=executor_max_tokens)
     except ValueError as error:
         raise ClassifierCommandError(f"invalid options: {error}") from None
-    items = clf.read_dataset(dataset)[offset:]
+    items = collecting.read_dataset(dataset)[offset:]
     items = items[:limit] if limit else items
     engines = Engines(get_settings())
     collector = None
+    bar = _ProgressBar(enabled=not no_progress)
     try:
         if services_url:
-            collector = clf.ServicesCollector(services_url, key or "", engines, poll_s=poll_s)
+            from services.collect_remote import ServicesCollector
+
+            collector = ServicesCollector(services_url, key or "", engines, poll_s=poll_s)
             collect_one = collector.collect_question
         else:
 
-            def collect_one(item: clf.Item, p: JobParams) -> dict[str, Any]:
-                return clf.collect_question(engines, item, p)
+            def collect_one(item: Item, p: JobParams) -> dict[str, Any]:
+                return collecting.collect_question(engines, item, p)
 
         mode = "services" if services_url else "embedded"
-        meta = clf.collect_meta(dataset, params, engines, mode)
-        summary = clf.collect(items, out, params, collect_one, meta, workers, not no_progress)
-    except (clf.CollectError, clf.TrainingError) as error:
+        meta = collecting.collect_meta(dataset, params, engines, mode)
+        summary = collecting.collect(items, out, params, collect_one, meta, workers, bar)
+    except (CollectError, TrainingError) as error:
         raise ClassifierCommandError(str(error)) from None
     finally:
+        bar.close()
         if collector:
             collector.close()
         engines.close()
@@ -137,6 +153,34 @@ def collect(
         f"{summary.collected} questions collected now, {summary.done_before} before, "
         f"{summary.total} asked: {summary.path}"
     )
+
+
+class _ProgressBar:
+    """`collect`'s progress callback as a tqdm bar (opened at the first call)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._bar: Any = None
+
+    def __call__(self, summary: CollectSummary) -> None:
+        if self._bar is not None:
+            self._bar.update(summary.done_before + summary.collected - self._bar.n)
+            return
+        from tqdm import tqdm
+
+        self._bar = tqdm(
+            total=summary.total,
+            initial=summary.done_before + summary.collected,
+            unit="q",
+            desc="collect",
+            disable=not self.enabled,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 @classifier.command(help="Train the classifier and its thresholds; write the artifact.")
@@ -156,14 +200,16 @@ def collect(
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def train(data: Path, out: Path, folds: int, seed: int, as_json: bool) -> None:
+    from services.core.classifier.training import train_artifact
+
     try:
-        artifact, report = clf.train_artifact(data, out, folds=folds, seed=seed)
-    except clf.TrainingError as error:
+        artifact, report = train_artifact(data, out, folds=folds, seed=seed)
+    except TrainingError as error:
         raise ClassifierCommandError(str(error)) from None
     _print_report(report, as_json)
     presets = ", ".join(f"{k}={v:.4g}" for k, v in artifact.presets.items())
     click.echo(f"artifact: {out} (presets, lambda per TFLOP: {presets})")
-    click.echo(f"report:   {clf.report_path(out)}")
+    click.echo(f"report:   {report_path(out)}")
 
 
 @classifier.command(help="Report a trained cascade on data it was not trained on.")
@@ -176,20 +222,22 @@ def train(data: Path, out: Path, folds: int, seed: int, as_json: bool) -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate(artifact: Path, data: Path, out: Path | None, as_json: bool) -> None:
-    loaded = clf.load_artifact(artifact)
+    from services.core.classifier.training import evaluate as evaluate_on
+
+    loaded = load_artifact(artifact)
     try:
-        report = clf.evaluate(loaded, clf.load_samples(data))
-    except clf.TrainingError as error:
+        report = evaluate_on(loaded, load_samples(data))
+    except TrainingError as error:
         raise ClassifierCommandError(str(error)) from None
     _print_report(report, as_json)
     if out:
-        clf.write_report(out, report)
+        write_report(out, report)
 
 
 @classifier.command(help="Show an artifact's manifest (checked against this code).")
 @click.argument("artifact", type=click.Path(path_type=Path))
 def inspect(artifact: Path) -> None:
-    manifest = clf.read_manifest(artifact)
+    manifest = read_manifest(artifact)
     manifest.pop("report", None)
     click.echo(json.dumps(manifest, indent=2))
 
@@ -198,6 +246,6 @@ def _print_report(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
-    click.echo(clf.format_report(report))
+    click.echo(format_report(report))
     if "warning" in report:
         click.echo(f"warning: {report['warning']}")

@@ -13,15 +13,28 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-BackendKind = Literal["local", "sglang", "torch"]  # torch: feature model only
-Role = Literal["coordinator", "executor", "feature"]
+# local: llama.cpp in this process; sglang: a server speaking the OpenAI-compatible
+# completions protocol (SGLang in production; llama.cpp's and vLLM's servers work too),
+# served by `OpenAIHTTPBackend`; torch: transformers, the classifier's feature model only.
+BackendKind = Literal["local", "sglang", "torch"]
+Role = Literal["coordinator", "executor", "classifier"]  # as in steps.Role
+
+# The prefix of each role's variables. The classifier's model is configured by
+# TANDEM_FEATURE_*: "feature model" is the paper's name for the model that computes the
+# classifier's features, and deployments already set these names. This table is the only
+# place where a role and its variables are named differently.
+ENV_PREFIX: dict[str, str] = {
+    "coordinator": "TANDEM_COORDINATOR",
+    "executor": "TANDEM_EXECUTOR",
+    "classifier": "TANDEM_FEATURE",
+}
 
 
 @dataclass(frozen=True)
 class ModelSettings:
     """Where one role's model lives."""
 
-    role: str
+    role: str  # coordinator, executor or classifier
     backend: BackendKind
     model: str  # "default" (the packaged SmolLM2 GGUF), a GGUF path, or a model id / HF path
     url: str | None  # base URL of the OpenAI-compatible server (backend "sglang")
@@ -29,6 +42,11 @@ class ModelSettings:
     # Where a served model's chat template comes from: a tokenizer_config.json, a .jinja
     # file, or None (the server's, when it exposes one, else ChatML).
     chat_template: str | None = None
+
+    @property
+    def env_prefix(self) -> str:
+        """Where this role's settings come from, e.g. TANDEM_FEATURE for the classifier."""
+        return ENV_PREFIX[self.role]
 
     @property
     def engine_key(self) -> tuple[str, str, str | None]:
@@ -101,10 +119,12 @@ class Settings(BaseSettings):
     max_active_jobs: int = Field(default=10_000, ge=0)  # unfinished single jobs per key; 0: off
 
     def model(self, role: Role) -> ModelSettings:
-        if role == "feature":
+        """The model a role runs on. The classifier's is the feature model (TANDEM_FEATURE_*,
+        see ENV_PREFIX), by default the executor's; it has no parameter override."""
+        if role == "classifier":
             executor = self.model("executor")
             return ModelSettings(
-                role="feature",
+                role="classifier",
                 backend=self.feature_backend or executor.backend,
                 model=self.feature_model or executor.model,
                 url=self.feature_url or executor.url,

@@ -15,9 +15,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services.core import classifier as clf
-from services.core.backends.base import entropy_from_top_k
-from services.core.engines import ConfigurationError, Engines
+from services import collect_remote, jsonl
+from services.core import classifier
+from services.core.backends.base import ConfigurationError, entropy_from_top_k
+from services.core.classifier import artifact as artifact_io
+from services.core.classifier import cascade, training
+from services.core.classifier import collect as collecting
+from services.core.classifier import samples as samples_io
+from services.core.engines import Engines
 from services.core.params import JobParams, JobRequest
 from services.core.prompts import classifier_text
 from services.core.sufficiency import FEATURE_NAMES, features_from_scoring
@@ -68,11 +73,11 @@ def synthetic_lines(n: int, budgets: tuple[int, ...], seed: int = 0) -> list[dic
 def write_samples(directory: Path, lines: list[dict[str, Any]]) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for line in lines:
-        clf.append_line(directory / clf.SAMPLES_FILE, line)
+        jsonl.append(directory / samples_io.SAMPLES_FILE, line)
     meta = {
         "budgets": list(lines[0]["stages"][i]["budget"] for i in range(len(lines[0]["stages"])))
     }
-    (directory / clf.META_FILE).write_text(json.dumps(meta))
+    (directory / samples_io.META_FILE).write_text(json.dumps(meta))
     return directory
 
 
@@ -81,7 +86,7 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("artifact")
     data = write_samples(root / "data", synthetic_lines(60, BUDGETS))
     path = root / "classifier.zip"
-    clf.train_artifact(data, path, folds=3)
+    training.train_artifact(data, path, folds=3)
     return path
 
 
@@ -92,7 +97,7 @@ def brute_force(probs, correct, cost, lam) -> float:
     """The best objective over every threshold tuple of the grid, by plain simulation."""
     n, s = probs.shape
     best = -math.inf
-    for ts in itertools.product(clf.THRESHOLD_GRID, repeat=s - 1):
+    for ts in itertools.product(cascade.THRESHOLD_GRID, repeat=s - 1):
         acc = spent = 0.0
         for q in range(n):
             stop = next((i for i in range(s - 1) if probs[q, i] >= ts[i]), s - 1)
@@ -109,9 +114,9 @@ def test_search_matches_brute_force(stages: int, lam: float, seed: int) -> None:
     probs = rng.uniform(size=(n, stages))
     correct = rng.uniform(size=(n, stages)) < probs
     cost = np.cumsum(rng.uniform(0.5, 1.5, size=(n, stages)), axis=1)
-    got = clf.search_thresholds(probs, correct, cost, lam)
+    got = cascade.search_thresholds(probs, correct, cost, lam)
     assert got.objective(lam) == pytest.approx(brute_force(probs, correct, cost, lam), abs=1e-12)
-    again = clf.simulate(probs, correct, cost, got.thresholds)
+    again = cascade.simulate(probs, correct, cost, got.thresholds)
     assert (again.accuracy, again.tflops) == (got.accuracy, got.tflops)
 
 
@@ -125,12 +130,12 @@ def test_search_recovers_known_optimum() -> None:
     correct = np.stack([p0 >= 0.6, p1 >= 0.3, np.ones_like(p0, dtype=bool)], axis=1)
     cost = np.tile([1.0, 2.0, 4.0], (len(p0), 1))
     for lam in (0.0, 0.01, 0.1):
-        got = clf.search_thresholds(probs, correct, cost, lam)
+        got = cascade.search_thresholds(probs, correct, cost, lam)
         assert got.thresholds == (0.6, 0.3, 0.0)
         assert got.accuracy == 1.0
-    cheapest = clf.search_thresholds(probs, correct, cost, 10.0)
+    cheapest = cascade.search_thresholds(probs, correct, cost, 10.0)
     assert cheapest.thresholds[0] == 0.0 and cheapest.stop_share[0] == 1.0
-    best = clf.oracle(correct, cost)
+    best = cascade.oracle(correct, cost)
     assert best.accuracy == 1.0 and best.tflops == got.tflops
 
 
@@ -139,10 +144,10 @@ def test_search_recovers_known_optimum() -> None:
 
 def test_train_drops_constant_questions_and_reports(tmp_path: Path) -> None:
     lines = synthetic_lines(40, BUDGETS, seed=5)
-    samples = clf.load_samples(write_samples(tmp_path / "d", lines))
+    samples = samples_io.load_samples(write_samples(tmp_path / "d", lines))
     kept = samples.kept()
     assert 0 < kept.sum() < samples.n  # the synthetic set has both kinds
-    result = clf.train(samples, folds=4)
+    result = training.train(samples, folds=4)
     cls = result.report["classifier"]
     assert cls["questions_kept"] == int(kept.sum())
     assert cls["rows"] == int(kept.sum()) * len(BUDGETS)
@@ -151,9 +156,9 @@ def test_train_drops_constant_questions_and_reports(tmp_path: Path) -> None:
     assert rows["fixed stage 2 (16 tok)"]["accuracy"] == pytest.approx(
         np.mean([ln["stages"][2]["correct"] for ln in lines])
     )
-    assert [p.fraction for p in result.points] == list(clf.LAMBDA_FRACTIONS)
+    assert [p.fraction for p in result.points] == list(cascade.LAMBDA_FRACTIONS)
     assert result.presets["balanced"] == pytest.approx(0.05 / result.cost_scale)
-    text = clf.format_report(result.report)
+    text = cascade.format_report(result.report)
     assert "oracle" in text and "[balanced]" in text
 
 
@@ -162,14 +167,14 @@ def test_too_few_varying_questions_is_a_clear_error(tmp_path: Path) -> None:
     for line in lines:
         for stage in line["stages"]:
             stage["correct"] = False
-    with pytest.raises(clf.TrainingError, match="at least 2"):
-        clf.train(clf.load_samples(write_samples(tmp_path / "d", lines)))
+    with pytest.raises(samples_io.TrainingError, match="at least 2"):
+        training.train(samples_io.load_samples(write_samples(tmp_path / "d", lines)))
 
 
 def test_artifact_round_trip(artifact: Path, tmp_path: Path) -> None:
-    loaded = clf.load_artifact(artifact)
+    loaded = artifact_io.load_artifact(artifact)
     manifest = loaded.manifest
-    assert manifest["schema_version"] == clf.SCHEMA_VERSION
+    assert manifest["schema_version"] == artifact_io.SCHEMA_VERSION
     assert manifest["features"]["names"] == list(FEATURE_NAMES)
     assert manifest["features"]["count"] == 25
     assert manifest["features"]["max_tokens"] == 1024
@@ -178,16 +183,16 @@ def test_artifact_round_trip(artifact: Path, tmp_path: Path) -> None:
     assert set(manifest["presets"]) == {"quality", "balanced", "economy"}
     prov = manifest["provenance"]
     assert prov["questions"] == 60 and len(prov["data_sha256"]) == 64 and prov["sklearn_version"]
-    assert clf.report_path(artifact).exists()
+    assert artifact_io.report_path(artifact).exists()
     # the same model: same probabilities as a fresh fit on the same data
-    samples = clf.load_samples(artifact.parent / "data")
+    samples = samples_io.load_samples(artifact.parent / "data")
     x = samples.features.reshape(-1, 25)
-    fresh = clf.train(samples, folds=3).model
+    fresh = training.train(samples, folds=3).model
     np.testing.assert_allclose(loaded.model.predict_proba(x), fresh.predict_proba(x))
 
 
 def test_policy_operating_points(artifact: Path) -> None:
-    policy = clf.load_policy(artifact)
+    policy = classifier.load_policy(artifact)
     points = policy.points
     assert policy.point_for("quality").lam == 0.0
     assert policy.point_for("balanced").lam == pytest.approx(policy.presets["balanced"])
@@ -196,7 +201,7 @@ def test_policy_operating_points(artifact: Path) -> None:
     assert policy.point_for(mid * 1.2).lam == mid
     assert policy.point_for(points[1].lam * 0.4).lam == 0.0  # below half the smallest
     assert policy.point_for(1e9).lam == points[-1].lam
-    features = clf.load_samples(artifact.parent / "data").features[0, 0]
+    features = samples_io.load_samples(artifact.parent / "data").features[0, 0]
     verdict = policy.judge(features.tolist(), 0, "quality")
     assert verdict.policy == "trained" and 0.0 <= verdict.probability <= 1.0
     assert verdict.threshold == policy.point_for("quality").thresholds[0]
@@ -218,7 +223,7 @@ def test_train_evaluate_inspect_commands(artifact: Path, tmp_path: Path) -> None
     trained = runner.invoke(cli, ["classifier", "train", "--data", str(data), "--out", str(out)])
     assert trained.exit_code == 0, trained.output
     assert "oracle" in trained.output and "[economy]" in trained.output
-    report = json.loads(clf.report_path(out).read_text())
+    report = json.loads(artifact_io.report_path(out).read_text())
     assert report["classifier"]["questions"] == 30
     other = write_samples(tmp_path / "other", synthetic_lines(20, (0, 8), seed=9))
     args = ["classifier", "evaluate", "--artifact", str(out), "--data", str(other)]
@@ -227,7 +232,7 @@ def test_train_evaluate_inspect_commands(artifact: Path, tmp_path: Path) -> None
     assert "differ from the artifact's" in evaluated.output  # budgets (0, 8) vs (0, 8, 16)
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["classifier"]["evaluated_on"].startswith("data the classifier was not")
-    assert len(result["rows"]) == 2 + 1 + len(clf.LAMBDA_FRACTIONS)
+    assert len(result["rows"]) == 2 + 1 + len(cascade.LAMBDA_FRACTIONS)
     shown = runner.invoke(cli, ["classifier", "inspect", str(out)])
     assert shown.exit_code == 0 and json.loads(shown.output)["schema_version"] == 1
     missing = runner.invoke(cli, ["classifier", "inspect", str(tmp_path / "nope.zip")])
@@ -274,70 +279,178 @@ def _bad_artifacts(artifact: Path, tmp: Path) -> Iterator[tuple[Path, str]]:
 
 def test_incompatible_artifacts_are_rejected(artifact: Path, tmp_path: Path) -> None:
     for path, problem in _bad_artifacts(artifact, tmp_path):
-        with pytest.raises(clf.ClassifierArtifactError) as caught:
-            clf.load_policy(path)
+        with pytest.raises(classifier.ClassifierArtifactError) as caught:
+            classifier.load_policy(path)
         message = str(caught.value)
         assert problem in message and str(path) in message and "\n" not in message
         assert "tandem classifier train" in message
         assert isinstance(caught.value, ConfigurationError)
         settings = Settings(classifier_artifact=str(path))
-        with pytest.raises(clf.ClassifierArtifactError):
-            clf.check_classifier_artifact(settings)
-        with pytest.raises(clf.ClassifierArtifactError):
+        with pytest.raises(classifier.ClassifierArtifactError):
+            classifier.check_classifier_artifact(settings)
+        with pytest.raises(classifier.ClassifierArtifactError):
             Engines(settings).policy("trained")
         assert Engines(settings).policy("entropy").name == "entropy"
-    assert clf.check_classifier_artifact(Settings(classifier_artifact=None)) is None
-    assert clf.check_classifier_artifact(Settings(classifier_artifact=str(artifact))) is not None
+    assert classifier.check_classifier_artifact(Settings(classifier_artifact=None)) is None
+    assert classifier.check_classifier_artifact(Settings(classifier_artifact=str(artifact))) is not None
+
+
+# ------------------------------------------------------------------ feature computation (issue 22)
+
+
+def _top_k_artifact(tmp_path: Path) -> Path:
+    lines = synthetic_lines(40, BUDGETS, seed=11)
+    for line in lines:
+        for stage in line["stages"]:
+            stage["features_exact"] = False
+    path = tmp_path / "top_k.zip"
+    training.train_artifact(write_samples(tmp_path / "top_k", lines), path, folds=3)
+    return path
+
+
+def test_an_artifact_is_served_only_with_the_feature_computation_it_was_trained_on(
+    artifact: Path, tmp_path: Path
+) -> None:
+    from typing import get_args
+
+    from services.settings import BackendKind
+
+    assert set(artifact_io.COMPUTATION_OF_BACKEND) == set(get_args(BackendKind))
+    assert artifact_io.read_manifest(artifact)["features"]["computation"] == "exact"
+    http = {"feature_backend": "sglang", "feature_url": "http://127.0.0.1:9"}
+    for backend in ("local", "torch"):
+        settings = Settings(classifier_artifact=str(artifact), feature_backend=backend)
+        assert classifier.check_classifier_artifact(settings) is not None
+    served_over_http = [
+        Settings(classifier_artifact=str(artifact), **http),
+        # the feature model defaults to the executor's, here an OpenAI-compatible server
+        Settings(
+            classifier_artifact=str(artifact),
+            executor_backend="sglang",
+            executor_url="http://127.0.0.1:9",
+        ),
+    ]
+    for settings in served_over_http:
+        with pytest.raises(classifier.ClassifierArtifactError) as caught:
+            classifier.check_classifier_artifact(settings)
+        message = str(caught.value)
+        assert "trained on exact features" in message and "computes top-k features" in message
+        assert "TANDEM_FEATURE_BACKEND=local or torch" in message and "\n" not in message
+        assert str(artifact) in message
+        with pytest.raises(classifier.ClassifierArtifactError):
+            Engines(settings).policy("trained")
+
+    top_k = _top_k_artifact(tmp_path)
+    assert artifact_io.read_manifest(top_k)["features"]["computation"] == "top-k"
+    assert classifier.check_classifier_artifact(Settings(classifier_artifact=str(top_k), **http))
+    with pytest.raises(classifier.ClassifierArtifactError, match="=sglang"):
+        classifier.check_classifier_artifact(Settings(classifier_artifact=str(top_k)))
+    exact_data = samples_io.load_samples(artifact.parent / "data")
+    report = training.evaluate(artifact_io.load_artifact(top_k), exact_data)
+    assert "trained on top-k features" in report["warning"]
+
+
+def test_artifacts_without_the_computation_field(artifact: Path, tmp_path: Path) -> None:
+    """Written before `features.computation`: the older `features.exact` flag decides; an
+    artifact with neither counts as exact."""
+
+    def without(keys: tuple[str, ...], **features: Any):
+        def edit(m, b):
+            for key in keys:
+                m["features"].pop(key)
+            m["features"].update(features)
+            return m, b
+
+        return edit
+
+    legacy_http = _rewrite(artifact, tmp_path / "a.zip", without(("computation",), exact=False))
+    neither = _rewrite(artifact, tmp_path / "b.zip", without(("computation", "exact")))
+    unknown = _rewrite(artifact, tmp_path / "c.zip", without((), computation="top-3"))
+    assert artifact_io.load_artifact(legacy_http).computation == "top-k"
+    assert artifact_io.load_artifact(neither).computation == "exact"
+    assert classifier.check_classifier_artifact(Settings(classifier_artifact=str(neither)))
+    with pytest.raises(classifier.ClassifierArtifactError, match="trained on top-k features"):
+        classifier.check_classifier_artifact(Settings(classifier_artifact=str(legacy_http)))
+    with pytest.raises(classifier.ClassifierArtifactError, match="unknown feature computation"):
+        artifact_io.load_artifact(unknown)
+
+
+def test_samples_mixing_feature_computations_do_not_train(tmp_path: Path) -> None:
+    lines = synthetic_lines(10, BUDGETS)
+    lines[3]["stages"][1]["features_exact"] = False
+    with pytest.raises(samples_io.TrainingError, match="mixes exact features with top-k"):
+        samples_io.load_samples(write_samples(tmp_path / "d", lines))
+
+
+def test_a_worker_refuses_an_artifact_served_with_other_features(
+    artifact: Path, tmp_path: Path, redis_url: str
+) -> None:
+    """A classifier worker started as the tests start every worker, its feature model on an
+    OpenAI-compatible server (top-k features), with an artifact trained on exact ones."""
+    from tests import infra
+
+    settings = {
+        "TANDEM_CLASSIFIER_ARTIFACT": str(artifact),
+        "TANDEM_REDIS_URL": redis_url,
+        "TANDEM_FEATURE_BACKEND": "sglang",
+        "TANDEM_FEATURE_URL": "http://127.0.0.1:9",
+    }
+    worker = infra.Processes(settings, tmp_path).worker("classifier")
+    assert worker.wait(120) == 78  # EX_CONFIG: before taking any message
+    log = (tmp_path / "classifier.log").read_text()
+    refused = [line for line in log.splitlines() if line.startswith("tandem worker:")]
+    assert len(refused) == 1 and "TANDEM_FEATURE_BACKEND" in refused[0]
+    assert "Traceback" not in log
 
 
 # ------------------------------------------------------------------ collection (no model)
 
 
-def _fake_line(item: clf.Item, params: JobParams) -> dict[str, Any]:
+def _fake_line(item: collecting.Item, params: JobParams) -> dict[str, Any]:
     return {"id": item.qid, "question": item.question, "stages": []}
 
 
 @pytest.mark.parametrize("workers", [1, 3])
 def test_collect_resumes_without_redoing_or_losing(tmp_path: Path, workers: int) -> None:
-    items = [clf.Item(f"q{i}", i, f"question {i}", "1") for i in range(8)]
+    items = [collecting.Item(f"q{i}", i, f"question {i}", "1") for i in range(8)]
     out, params, meta = tmp_path / "c", JobParams(budgets=BUDGETS), {"budgets": list(BUDGETS)}
     calls: list[str] = []
     lock = threading.Lock()
 
-    def one(item: clf.Item, p: JobParams) -> dict[str, Any]:
+    def one(item: collecting.Item, p: JobParams) -> dict[str, Any]:
         with lock:
             calls.append(item.qid)
         return _fake_line(item, p)
 
-    first = clf.collect(items[:3], out, params, one, meta, workers, progress=False)
+    first = collecting.collect(items[:3], out, params, one, meta, workers)
     assert (first.collected, first.done_before) == (3, 0)
 
-    def interrupted(item: clf.Item, p: JobParams) -> dict[str, Any]:
+    def interrupted(item: collecting.Item, p: JobParams) -> dict[str, Any]:
         if item.qid == "q4":
             raise KeyboardInterrupt
         return one(item, p)
 
     with pytest.raises(KeyboardInterrupt):
-        clf.collect(items[:6], out, params, interrupted, meta, workers, progress=False)
+        collecting.collect(items[:6], out, params, interrupted, meta, workers)
     # a crash in the middle of a write leaves a torn last line: it is cut off, not parsed
-    with (out / clf.SAMPLES_FILE).open("ab") as handle:
+    with (out / samples_io.SAMPLES_FILE).open("ab") as handle:
         handle.write(b'{"id":"q5","stag')
-    final = clf.collect(items, out, params, one, meta, workers, progress=False)
-    ids = clf.collected_ids(out / clf.SAMPLES_FILE)
+    final = collecting.collect(items, out, params, one, meta, workers)
+    ids = collecting.collected_ids(out / samples_io.SAMPLES_FILE)
     assert sorted(ids) == [f"q{i}" for i in range(8)]  # none lost, none twice
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 8  # none redone
     assert final.done_before + final.collected == 8
-    with pytest.raises(clf.CollectError, match="budgets"):
-        clf.collect(items, out, JobParams(budgets=(0, 8)), one, {"budgets": [0, 8]})
+    with pytest.raises(collecting.CollectError, match="budgets"):
+        collecting.collect(items, out, JobParams(budgets=(0, 8)), one, {"budgets": [0, 8]})
 
 
 def test_read_dataset_ids(tmp_path: Path) -> None:
     path = tmp_path / "d.jsonl"
     rows = [*QUESTIONS, QUESTIONS[0], {"question": "x", "answer": "y", "unique_id": "u/1"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    items = clf.read_dataset(path)
+    items = collecting.read_dataset(path)
     assert len(items) == 4 and items[0].reference == "5" and items[-1].qid == "u/1"
-    assert items[0].qid == clf.read_dataset(path)[0].qid  # stable
+    assert items[0].qid == collecting.read_dataset(path)[0].qid  # stable
 
 
 # ------------------------------------------------------------------ with the real model
@@ -459,7 +572,7 @@ def test_trained_policy_in_a_tandem_run(engines: Engines, artifact: Path) -> Non
     result = run_job(JobRequest(question=QUESTIONS[1]["question"], params=params), engines)
     judged = [s for s in result.stages if s.kind == "classifier"]
     assert judged, "the run consulted no classifier"
-    policy = clf.load_policy(artifact)
+    policy = classifier.load_policy(artifact)
     thresholds = policy.point_for("quality").thresholds
     for stage in judged:
         assert stage.output["policy"] == "trained"
@@ -480,9 +593,9 @@ def test_collect_embedded_matches_tandem_runs_and_services(
 
     from services.core.runner import run_job
 
-    item = clf.Item("q0", 0, QUESTIONS[0]["question"], "5")
+    item = collecting.Item("q0", 0, QUESTIONS[0]["question"], "5")
     params = JobParams(budgets=(0, 8), executor_max_tokens=8)
-    line = clf.collect_question(engines, item, params)
+    line = collecting.collect_question(engines, item, params)
     assert [s["budget"] for s in line["stages"]] == [0, 8]
     for stage in line["stages"]:
         job = run_job(
@@ -510,7 +623,7 @@ def test_collect_embedded_matches_tandem_runs_and_services(
             return httpx.Response(202, json={"id": job_id, "status": "queued"})
         return httpx.Response(200, json=jobs[request.url.path.rsplit("/", 1)[1]])
 
-    collector = clf.ServicesCollector(
+    collector = collect_remote.ServicesCollector(
         "http://api", "k", engines, poll_s=0.0, transport=httpx.MockTransport(api)
     )
     try:
@@ -544,9 +657,9 @@ def test_collect_command_end_to_end(tmp_path: Path, monkeypatch) -> None:
     second = runner.invoke(cli, [*args, "--limit", "2", "--workers", "2"])
     assert second.exit_code == 0, second.output
     assert "1 questions collected now, 1 before" in second.output
-    lines = [json.loads(x) for x in (out / clf.SAMPLES_FILE).read_text().splitlines()]
+    lines = [json.loads(x) for x in (out / samples_io.SAMPLES_FILE).read_text().splitlines()]
     assert [ln["index"] for ln in lines] == [0, 1]
-    meta = json.loads((out / clf.META_FILE).read_text())
+    meta = json.loads((out / samples_io.META_FILE).read_text())
     assert meta["budgets"] == [0, 8] and meta["models"]["feature"]["name"]
     bad = runner.invoke(cli, [*(a if a != "0,8" else "0,4" for a in args), "--limit", "3"])
     assert bad.exit_code != 0 and "budgets" in bad.output

@@ -55,4 +55,4 @@ def test_trained_policy_without_artifact_is_a_clear_error() -> None:
 
 def test_feature_model_defaults_to_the_executor() -> None:
     settings = Settings(executor_backend="sglang", executor_url="http://x:1", executor_model="m")
-    assert settings.model("feature").engine_key == settings.model("executor").engine_key
+    assert settings.model("classifier").engine_key == settings.model("executor").engine_key

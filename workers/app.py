@@ -53,8 +53,8 @@ def _worker_started(**_kwargs) -> None:
     line saying why, instead of failing every job later."""
     from prometheus_client import start_http_server
 
+    from services.core.backends.base import ConfigurationError
     from services.core.classifier import check_classifier_artifact
-    from services.core.engines import ConfigurationError
     from services.observability import setup_logging
 
     settings = get_settings()

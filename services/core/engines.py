@@ -1,8 +1,11 @@
 """The models and policies a process holds, loaded on first use from settings.
 
-Roles whose settings name the same engine (same backend, model and URL) share one loaded
-engine: in embedded mode the coordinator, executor and feature model are all the default
-SmolLM2 and it is loaded once. A worker loads only the roles its queue needs.
+A role (coordinator, executor, classifier: `steps.Role`) runs on the model
+`Settings.model(role)` names; the classifier's is the feature model, configured by
+TANDEM_FEATURE_* (see `settings.ENV_PREFIX`). Roles whose settings name the same engine
+(same backend, model and URL) share one loaded engine: in embedded mode the coordinator,
+executor and feature model are all the default SmolLM2 and it is loaded once. A worker
+loads only the roles its queue needs.
 """
 
 from __future__ import annotations
@@ -10,13 +13,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from services.core.backends.base import Backend, BackendError
+from services.core.backends.base import Backend, ConfigurationError
+from services.core.classifier import trained_policy
 from services.core.sufficiency import EntropyPolicy, SufficiencyPolicy
-from services.settings import ModelSettings, Settings
-
-
-class ConfigurationError(BackendError):
-    """The settings name something that cannot be used; the message says how to fix it."""
+from services.settings import ModelSettings, Role, Settings
 
 
 class Engines:
@@ -26,17 +26,16 @@ class Engines:
         self._policies: dict[str, SufficiencyPolicy] = {}
         self._lock = threading.Lock()
 
-    def backend(self, role: str) -> Backend:
-        model = self.settings.model("feature" if role == "classifier" else role)  # type: ignore[arg-type]
+    def backend(self, role: Role) -> Backend:
+        model = self.settings.model(role)
         with self._lock:
             if model.engine_key not in self._backends:
                 self._backends[model.engine_key] = self._load(model)
             return self._backends[model.engine_key]
 
-    def n_params(self, role: str) -> int:
+    def n_params(self, role: Role) -> int:
         """Parameter count for the cost model: the settings' override, else the model's own."""
-        override = None if role == "classifier" else self.settings.model(role).n_params  # type: ignore[arg-type]
-        return override or self.backend(role).n_params
+        return self.settings.model(role).n_params or self.backend(role).n_params
 
     def policy(self, name: str | None) -> SufficiencyPolicy:
         """`entropy` (training-free), `trained` (the configured artifact), or None: trained
@@ -55,7 +54,7 @@ class Engines:
             self._backends.clear()
 
     def _load(self, model: ModelSettings) -> Backend:
-        if model.backend == "torch":  # scoring only: the feature model of the classifier worker
+        if model.backend == "torch":  # scoring only: the classifier's feature model
             from services.core.backends.torch_scoring import load_feature_backend
 
             return load_feature_backend(model)
@@ -73,10 +72,13 @@ class Engines:
                 n_ctx=self.settings.local_context,
                 name="SmolLM2-135M-Instruct" if model.model == "default" else path.stem,
             )
+        # "sglang" names the server a deployment runs; what this process needs is its
+        # protocol, OpenAI-compatible completions, which llama.cpp's and vLLM's servers
+        # speak too. The value stays "sglang": deployments and users have it set.
         if not model.url:
             raise ConfigurationError(
                 f"the {model.role} model uses the sglang backend but has no URL: "
-                f"set TANDEM_{model.role.upper()}_URL=http://host:port"
+                f"set {model.env_prefix}_URL=http://host:port"
             )
         from services.core.backends.openai_http import OpenAIHTTPBackend
 
@@ -96,15 +98,7 @@ class Engines:
         if name == "entropy":
             return EntropyPolicy()
         if name == "trained":
-            artifact = self.settings.classifier_artifact
-            if not artifact:
-                raise ConfigurationError(
-                    "policy 'trained' needs a classifier artifact: set TANDEM_CLASSIFIER_ARTIFACT "
-                    "(train one with `tandem classifier train`) or use policy 'entropy'"
-                )
-            from services.core.classifier import load_policy
-
-            return load_policy(Path(artifact))
+            return trained_policy(self.settings)
         raise ConfigurationError(f"unknown classifier policy {name!r}: use 'entropy' or 'trained'")
 
 

@@ -12,9 +12,7 @@ from services.core.engines import Engines
 from services.core.params import JobParams
 from services.core.prompts import classifier_text
 from services.core.steps import Generate, Judge, StageRecord, Step
-from services.core.sufficiency import features_from_scoring
-
-SCORING_MAX_TOKENS = 1024  # tandem.md: the classifier's text is truncated to 1024 tokens
+from services.core.sufficiency import SCORING_MAX_TOKENS, features_from_scoring
 
 
 def execute(

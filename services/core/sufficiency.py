@@ -38,6 +38,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "stage_index",
     "stage_budget",
 )
+SCORING_MAX_TOKENS = 1024  # tandem.md: the classifier's text is truncated to 1024 tokens
 PRESETS: dict[str, float] = {"quality": 0.0, "balanced": 0.5, "economy": 1.0}
 CostPreference = str | float
 

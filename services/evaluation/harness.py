@@ -1,10 +1,11 @@
 """The evaluation harness: every strategy on the same questions, one result row each.
 
-Rows go to `results.jsonl` as they finish (appended and flushed line by line), so a run that
-stops can be resumed: pairs (strategy label, question id) already there are skipped. Jobs run
-either in this process (`EmbeddedRunner`: `run_job` from a thread pool, so the local engine
-batches concurrent questions) or through a running service (`ServiceRunner`: submit over
-REST, poll). Domain code only: no web framework or queue imports.
+Rows go to `results.jsonl` as they finish (each appended durably, `services.jsonl`), so a
+run that stops can be resumed: pairs (strategy label, question id) already there are
+skipped. Jobs run either in this process (`EmbeddedRunner`: `run_job` from a thread pool,
+so the local engine batches concurrent questions) or through a running service
+(`ServiceRunner`: submit and poll with `services.client.TandemClient`). No web framework
+or queue imports.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from services import jsonl
+from services.client import APIError, TandemClient
 from services.core.answers import is_correct, reference_answer
 from services.core.params import PRESETS, InvalidRequest, parse_job_request
-from services.retry import retry_transport
 
 RESULTS_FILE = "results.jsonl"
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
 _VALIDATION_QUESTION = "1 + 1 = ?"
 
 
@@ -172,8 +173,7 @@ class EmbeddedRunner:
     def run(self, spec: StrategySpec, question: Question) -> JobRun:
         """One job; a model error on this question is the row's error (counted wrong), but
         one that stops every job (the model cannot load, the settings are wrong) is raised."""
-        from services.core.backends.base import BackendError, ModelLoadError
-        from services.core.engines import ConfigurationError
+        from services.core.backends.base import BackendError, ConfigurationError, ModelLoadError
         from services.core.runner import run_job
 
         request = self._request(spec, question.text)
@@ -195,7 +195,8 @@ class EmbeddedRunner:
 
 
 class ServiceRunner:
-    """Jobs through a running service: POST /v1/jobs (idempotent per row), poll until done."""
+    """Jobs through a running service: POST /v1/jobs (idempotent per row), poll until done.
+    The client retries transport errors and waits out 429 / 503 (see `services.client`)."""
 
     def __init__(
         self,
@@ -205,20 +206,23 @@ class ServiceRunner:
         timeout_s: float = 3600.0,
         run_tag: str = "",
     ) -> None:
-        import httpx
-
-        self.http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers={"Authorization": f"Bearer {key}"},
-            timeout=30.0,
-        )
+        self.api = TandemClient(base_url, key, timeout=30.0)
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.run_tag = run_tag
 
     def run(self, spec: StrategySpec, question: Question) -> JobRun:
-        job = self._submit(spec, question)
-        job = self._wait(job["id"])
+        key = _idempotency_key(self.run_tag, spec, question)
+        try:
+            job = self.api.submit_job(question.text, spec.strategy, spec.params, key)
+        except APIError as error:
+            raise EvaluationError(f"the service refused a job: {error}") from None
+        try:
+            job = self.api.wait_job(job["id"], self.timeout_s)
+        except APIError as error:
+            raise EvaluationError(f"reading job {job['id']} failed: {error}") from None
+        except TimeoutError as error:
+            raise EvaluationError(str(error)) from None
         timings = job.get("timings") or {}
         latency = timings.get("total_s")
         error = job.get("error") if job["status"] != "succeeded" else None
@@ -227,48 +231,13 @@ class ServiceRunner:
         return JobRun(job, float(latency or 0.0), job_id=job["id"], error=error)
 
     def close(self) -> None:
-        self.http.close()
-
-    def _submit(self, spec: StrategySpec, question: Question) -> dict[str, Any]:
-        body = {"question": question.text, "strategy": spec.strategy, "params": spec.params}
-        key = _idempotency_key(self.run_tag, spec, question)
-        for _ in range(100):
-            response = retry_transport(
-                lambda: self.http.post("/v1/jobs", json=body, headers={"Idempotency-Key": key})
-            )
-            if response.status_code in (200, 202):
-                return response.json()
-            if response.status_code not in (429, 503):
-                raise EvaluationError(f"the service refused a job: {_detail(response)}")
-            time.sleep(float(response.headers.get("Retry-After", "2")))
-        raise EvaluationError("the service stayed overloaded (429/503) for too long")
-
-    def _wait(self, job_id: str) -> dict[str, Any]:
-        deadline = time.monotonic() + self.timeout_s
-        pause = 0.25
-        while time.monotonic() < deadline:
-            response = retry_transport(lambda: self.http.get(f"/v1/jobs/{job_id}"))
-            if response.status_code != 200:
-                raise EvaluationError(f"reading job {job_id} failed: {_detail(response)}")
-            job = response.json()
-            if job["status"] in FINAL_STATUSES:
-                return job
-            time.sleep(pause)
-            pause = min(2.0, pause * 1.5)
-        raise EvaluationError(f"job {job_id} did not finish within {self.timeout_s:.0f}s")
+        self.api.close()
 
 
 def _idempotency_key(run_tag: str, spec: StrategySpec, question: Question) -> str:
     """The same row of the same run maps to the same job, so a resumed run reuses it."""
     material = json.dumps([run_tag, spec.strategy, spec.params, question.id, question.text])
     return "eval-" + hashlib.sha256(material.encode()).hexdigest()[:40]
-
-
-def _detail(response: Any) -> str:
-    try:
-        return f"{response.status_code} {response.json().get('detail', response.text)}"
-    except ValueError:
-        return f"{response.status_code} {response.text[:200]}"
 
 
 # --- rows -----------------------------------------------------------------------------
@@ -342,42 +311,21 @@ class ResultsFile:
         self.path = path
 
     def load(self) -> dict[tuple[str, str], dict[str, Any]]:
-        """Rows by key. A torn last line (the run was killed mid-write) is cut off."""
-        if not self.path.exists():
-            return {}
-        rows: dict[tuple[str, str], dict[str, Any]] = {}
-        data = self.path.read_bytes()
-        lines = data.split(b"\n")
-        offset = 0
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    if number == len(lines):  # the unterminated tail
-                        self._truncate(offset)
-                        break
-                    raise EvaluationError(f"{self.path}:{number}: not a result row") from None
-                rows[(row["strategy"], row["question_id"])] = row
-            offset += len(line) + 1
-        return rows
+        """Rows by key (a torn last line, from a run killed mid-write, is not one)."""
+        try:
+            return {(row["strategy"], row["question_id"]): row for _, row in jsonl.read(self.path)}
+        except jsonl.BadLine as error:
+            raise EvaluationError(f"{self.path}:{error.number}: not a result row") from None
 
     def append(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-            handle.flush()
+        jsonl.append(self.path, row)
 
     def drop(self, keys: set[tuple[str, str]]) -> None:
         """Rewrite the file without the rows of `keys` (atomically: write, then rename)."""
         kept = [row for key, row in self.load().items() if key not in keys]
         scratch = self.path.with_suffix(".jsonl.tmp")
-        with scratch.open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in kept)
+        scratch.write_bytes(b"".join(jsonl.encode(row) for row in kept))
         scratch.replace(self.path)
-
-    def _truncate(self, size: int) -> None:
-        with self.path.open("r+b") as handle:
-            handle.truncate(size)
 
 
 def check_resumable(

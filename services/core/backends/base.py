@@ -27,6 +27,14 @@ class ModelLoadError(BackendError):
     """A model file is missing, unreadable or not a model."""
 
 
+class ConfigurationError(BackendError):
+    """The settings name something that cannot be used; the message says how to fix it.
+
+    Here, beside the other errors a job can end with, so that every layer (engines, the
+    classifier's artifact checks, backends, workers) raises and catches the same type
+    without importing each other."""
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt: str

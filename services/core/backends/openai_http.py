@@ -41,6 +41,7 @@ from services.core.backends.base import (
     validate_request,
 )
 from services.core.backends.chat_template import ChatTemplateError, render_chat
+from services.settings import ENV_PREFIX
 
 ServerKind = Literal["sglang", "llama.cpp", "llama-cpp-python", "openai"]
 
@@ -118,7 +119,7 @@ class OpenAIHTTPBackend:
         role: str | None = None,
         score_top_k: int = SCORE_TOP_K,
     ) -> None:
-        self._env = f"TANDEM_{role.upper()}" if role else "TANDEM_<ROLE>"
+        self._env = ENV_PREFIX.get(role, "TANDEM_<ROLE>") if role else "TANDEM_<ROLE>"
         self.base_url = _normalize_url(base_url, self._env)
         self._model_name = model_name
         self._n_params = n_params

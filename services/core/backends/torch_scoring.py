@@ -27,6 +27,7 @@ from typing import Any
 
 from services.core.backends.base import (
     BackendError,
+    ConfigurationError,
     Generation,
     GenerationRequest,
     ModelLoadError,
@@ -247,10 +248,9 @@ def _load(transformers: Any, torch: Any, model: str | Path, device: str, dtype: 
 
 
 def load_feature_backend(model: Any) -> TorchScoringBackend:
-    """The backend for a role's `ModelSettings` with backend "torch" (the feature model only)."""
-    from services.core.engines import ConfigurationError
-
-    if model.role != "feature":
+    """The backend for a role's `ModelSettings` with backend "torch" (the classifier's
+    feature model only)."""
+    if model.role != "classifier":
         raise ConfigurationError(
             f"the {model.role} model cannot use the torch backend: {_SCORING_ONLY}"
         )

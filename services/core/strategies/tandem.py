@@ -10,55 +10,84 @@ coordinator has finished its insights before the budget (there is nothing more t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from services.core.answers import extract_answer
 from services.core.params import JobParams
 from services.core.prompts import coordinator_messages, executor_messages
-from services.core.steps import Generate, Judge, Outcome
+from services.core.steps import Generate, Judge, Outcome, StageRecord
 from services.core.workflow import Program
 
 
+@dataclass(frozen=True)
+class CoordinatorStream:
+    """The coordinator's stream so far, and how it is cut at the next budget. The classifier's
+    training data (`classifier.collect`) grows its streams with these same two methods, so
+    its stages are exactly the ones a Tandem run would see."""
+
+    text: str = ""  # the insights
+    tokens: int = 0  # coordinator tokens in it, counted by the coordinator model
+    finished: bool = False  # the coordinator ended its insights on its own
+
+    def continue_to(
+        self, question: str, params: JobParams, stage: int, budget: int
+    ) -> Generate | None:
+        """The step that continues the stream to `budget` tokens (prefix-cached), or None
+        when it is there already or has finished."""
+        if budget <= self.tokens or self.finished:
+            return None
+        return Generate(
+            role="coordinator",
+            kind="coordinator",
+            messages=coordinator_messages(question),
+            continuation=self.text,
+            max_tokens=budget - self.tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            seed=params.seed,
+            note=f"stage {stage}: insights to {budget} tokens",
+        )
+
+    def extended(self, record: StageRecord) -> CoordinatorStream:
+        """The stream after the segment `record` generated."""
+        return CoordinatorStream(
+            self.text + record.text,
+            self.tokens + record.generated_tokens,
+            record.finish_reason == "stop",
+        )
+
+
 def tandem(question: str, params: JobParams) -> Program:
-    insights = ""  # the coordinator's stream so far
-    spent = 0  # coordinator tokens in it, counted by the coordinator model
-    finished = False  # the coordinator ended its insights on its own
+    stream = CoordinatorStream()
     last = len(params.budgets) - 1
 
     for stage, budget in enumerate(params.budgets):
-        if budget > spent and not finished:
-            record = yield Generate(
-                role="coordinator",
-                kind="coordinator",
-                messages=coordinator_messages(question),
-                continuation=insights,  # continue the same stream (prefix-cached)
-                max_tokens=budget - spent,
-                temperature=params.temperature,
-                top_p=params.top_p,
-                seed=params.seed,
-                note=f"stage {stage}: insights to {budget} tokens",
-            )
-            insights += record.text
-            spent += record.generated_tokens
-            finished = record.finish_reason == "stop"
+        segment = stream.continue_to(question, params, stage, budget)
+        if segment is not None:
+            stream = stream.extended((yield segment))
 
-        if stage == last or finished:
+        if stage == last or stream.finished:
             break
         verdict = yield Judge(
             question=question,
-            hint=insights,
+            hint=stream.text,
             stage_index=stage,
             budget=budget,
-            note=f"stage {stage}: enough after {spent} tokens?",
+            note=f"stage {stage}: enough after {stream.tokens} tokens?",
         )
         if verdict.output["sufficient"]:
             break
 
     answer = yield executor_step(
-        question, insights, params, note=f"answer with stage {stage} insights ({spent} tokens)"
+        question,
+        stream.text,
+        params,
+        note=f"answer with stage {stage} insights ({stream.tokens} tokens)",
     )
     return Outcome(
         answer=extract_answer(answer.text),
         final_text=answer.text,
-        summary={"stopped_at_stage": stage, "coordinator_tokens": spent},
+        summary={"stopped_at_stage": stage, "coordinator_tokens": stream.tokens},
     )
 
 

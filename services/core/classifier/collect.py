@@ -1,0 +1,398 @@
+"""Collecting training data: for each question, every stage of a Tandem run (the
+coordinator stream cut at each budget, the features of question + insights, the executor's
+answer checked against the gold answer), one JSON line per question, resumably.
+
+Embedded (`collect_question`), the coordinator stream is grown segment by segment with the
+Tandem strategy's own `CoordinatorStream`, so the stages are exactly a Tandem run's. Through
+a running deployment (`line_from_fixed_jobs`), each stage is a `fixed:B` job's record, run
+by a caller-supplied function (the HTTP side is `services.collect_remote`). Either way
+the features are computed here, by this process's feature model.
+
+`collect` runs the questions not yet in `samples.jsonl`, a few at a time, and appends
+each line durably (`services.jsonl`). No progress bar or HTTP here: callers pass callbacks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import reduce
+from pathlib import Path
+from typing import Any
+
+from services import jsonl
+from services.core.answers import extract_answer, is_correct, reference_answer
+from services.core.backends.base import Scoring
+from services.core.classifier.samples import (
+    META_FILE,
+    SAMPLES_FILE,
+    SAMPLES_FORMAT,
+    SAMPLES_VERSION,
+    TEXT_FORMAT,
+    sha256_file,
+)
+from services.core.cost import prefill_tflops
+from services.core.engines import Engines
+from services.core.execution import execute, execute_group
+from services.core.params import JobParams
+from services.core.prompts import classifier_text
+from services.core.steps import StageRecord
+from services.core.strategies.tandem import CoordinatorStream, executor_step
+from services.core.sufficiency import SCORING_MAX_TOKENS, features_from_scoring
+
+
+class CollectError(RuntimeError):
+    """Training data cannot be collected as asked (the message says what to change)."""
+
+
+# --------------------------------------------------------------------------- the dataset
+
+
+@dataclass(frozen=True)
+class Item:
+    """One dataset question with its gold answer."""
+
+    qid: str
+    index: int
+    question: str
+    reference: str
+
+
+def read_dataset(path: Path) -> list[Item]:
+    """A JSONL dataset (GSM8K or MATH-500 fields: `question`, `answer`). A question's id is
+    its `id` / `unique_id` field, else a hash of its text (stable across reorderings)."""
+    items: list[Item] = []
+    seen: set[str] = set()
+    with path.open(encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                question = str(record["question"])
+                reference = reference_answer(record)
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise CollectError(
+                    f"{path} line {index + 1}: not a question record ({error})"
+                ) from None
+            qid = str(
+                record.get("id")
+                or record.get("unique_id")
+                or "q-" + hashlib.sha256(question.encode()).hexdigest()[:16]
+            )
+            if qid not in seen:  # a repeated question would only repeat the same work
+                seen.add(qid)
+                items.append(Item(qid, index, question, reference))
+    return items
+
+
+# --------------------------------------------------------------------------- one question
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """The coordinator stream as it stood at one stage, with what its segments cost."""
+
+    stream: CoordinatorStream = field(default_factory=CoordinatorStream)
+    tflops: float = 0.0
+    prefill_tflops: float = 0.0
+    latency_s: float = 0.0
+
+    def extended(self, record: StageRecord) -> _Stream:
+        return _Stream(
+            self.stream.extended(record),
+            self.tflops + record.tflops,
+            self.prefill_tflops + record.prefill_tflops,
+            self.latency_s + record.latency_s,
+        )
+
+
+def collect_question(engines: Engines, item: Item, params: JobParams) -> dict[str, Any]:
+    """Every stage of one question, embedded: one coordinator stream generated in budget
+    increments, features and an executor answer at each stage reached."""
+    streams = _coordinator_stream(engines, item.question, params)
+    last = _last_reached(streams)
+    hints = [s.stream.text for s in streams[: last + 1]]
+    steps = [(i, executor_step(item.question, hint, params)) for i, hint in enumerate(hints)]
+    answers = execute_group(steps, engines, params)
+    return _question_line(engines, item, params, streams, answers)
+
+
+def _coordinator_stream(engines: Engines, question: str, params: JobParams) -> list[_Stream]:
+    """The stream at each stage, cut exactly as `strategies.tandem` cuts it."""
+    state = _Stream()
+    streams: list[_Stream] = []
+    for stage, budget in enumerate(params.budgets):
+        segment = state.stream.continue_to(question, params, stage, budget)
+        if segment is not None:
+            state = state.extended(execute(stage, segment, engines, params))
+        streams.append(state)
+    return streams
+
+
+def _last_reached(streams: Sequence[_Stream]) -> int:
+    """The stage a Tandem run ends at without a classifier: the first where the coordinator
+    had finished its insights, else the last."""
+    return next((i for i, s in enumerate(streams) if s.stream.finished), len(streams) - 1)
+
+
+FixedJob = Callable[[int], dict[str, Any]]
+
+
+def line_from_fixed_jobs(
+    engines: Engines, item: Item, params: JobParams, run_fixed: FixedJob
+) -> dict[str, Any]:
+    """Every stage of one question from `fixed:B` jobs: `run_fixed(B)` returns the finished
+    job's JSON as the API shows it. Stages after the coordinator finished are not run
+    (a Tandem run stops there too): they repeat the last one, as embedded."""
+    streams: list[_Stream] = []
+    answers: list[StageRecord] = []
+    for budget in params.budgets:
+        if streams and streams[-1].stream.finished:
+            streams.append(streams[-1])
+            continue
+        stream, answer = _fixed_job_stages(run_fixed(budget))
+        streams.append(stream)
+        answers.append(answer)
+    return _question_line(engines, item, params, streams, answers)
+
+
+def _fixed_job_stages(job: dict[str, Any]) -> tuple[_Stream, StageRecord]:
+    """A fixed:B job's coordinator stream and executor answer, as stage records."""
+    records = [_record(stage) for stage in job["stages"]]
+    executor = [r for r in records if r.kind == "executor"]
+    if len(executor) != 1:
+        raise CollectError(f"job {job['id']} has {len(executor)} executor stages, expected 1")
+    coordinator = [r for r in records if r.kind == "coordinator"]
+    return reduce(_Stream.extended, coordinator, _Stream()), executor[0]
+
+
+def _record(stage: dict[str, Any]) -> StageRecord:
+    fields = StageRecord.__dataclass_fields__
+    return StageRecord(**{k: v for k, v in stage.items() if k in fields})
+
+
+@dataclass(frozen=True)
+class _Scored:
+    scoring: Scoring
+    tflops: float
+
+
+def _score(engines: Engines, question: str, hint: str) -> _Scored:
+    scoring = engines.backend("classifier").score(
+        classifier_text(question, hint), SCORING_MAX_TOKENS
+    )
+    usage = scoring.usage
+    n_params = engines.n_params("classifier")
+    return _Scored(
+        scoring, prefill_tflops(n_params, usage.prompt_tokens, usage.cached_prompt_tokens)
+    )
+
+
+def _question_line(
+    engines: Engines,
+    item: Item,
+    params: JobParams,
+    streams: Sequence[_Stream],
+    answers: Sequence[StageRecord],
+) -> dict[str, Any]:
+    """The question's line: the stages reached (one per answer) scored by this process's
+    feature model; stages after them copy the last (`reached: false`)."""
+    scorings = [_score(engines, item.question, s.stream.text) for s in streams[: len(answers)]]
+    stages = []
+    for stage, budget in enumerate(params.budgets):
+        src = min(stage, len(answers) - 1)  # stages after the coordinator finished: copies
+        stages.append(
+            _stage_entry(stage, budget, streams[src], scorings, src, answers[src], item.reference)
+            | {"reached": stage == src}
+        )
+    return {
+        "id": item.qid,
+        "index": item.index,
+        "question": item.question,
+        "reference": item.reference,
+        "insights": streams[-1].stream.text,
+        "stages": stages,
+        "collected_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _stage_entry(
+    stage: int,
+    budget: int,
+    stream: _Stream,
+    scorings: Sequence[_Scored],
+    src: int,
+    answer: StageRecord,
+    reference: str,
+) -> dict[str, Any]:
+    scored = scorings[src]
+    predicted = extract_answer(answer.text)
+    prefill = (
+        stream.prefill_tflops + answer.prefill_tflops + sum(s.tflops for s in scorings[: src + 1])
+    )
+    return {
+        "stage": stage,
+        "budget": budget,
+        "coordinator_tokens": stream.stream.tokens,
+        "coordinator_finished": stream.stream.finished,
+        "hint_chars": len(stream.stream.text),
+        "features": [round(x, 8) for x in features_from_scoring(scored.scoring, stage, budget)],
+        "features_exact": bool(scored.scoring.exact),
+        "answer": predicted,
+        "correct": is_correct(predicted, reference),
+        "executor_tokens": answer.generated_tokens,
+        "executor_finish": answer.finish_reason,
+        "coordinator_tflops": stream.tflops,
+        "executor_tflops": answer.tflops,
+        # The paper's cost of stopping here: coordinator tokens to this budget plus the
+        # executor's answer (generated tokens only).
+        "tflops": stream.tflops + answer.tflops,
+        # Beside it, the prompt work the paper leaves out (coordinator segments, executor
+        # prompt, the classifier's scoring passes so far), for a fuller cost.
+        "prefill_tflops": prefill,
+    }
+
+
+# --------------------------------------------------------------------------- the resumable loop
+
+
+@dataclass
+class CollectSummary:
+    done_before: int
+    collected: int
+    total: int
+    path: Path
+
+
+QuestionFn = Callable[[Item, JobParams], dict[str, Any]]
+Progress = Callable[[CollectSummary], None]
+
+
+def collect(
+    items: Sequence[Item],
+    out_dir: Path,
+    params: JobParams,
+    collect_one: QuestionFn,
+    meta: dict[str, Any],
+    workers: int = 1,
+    progress: Progress | None = None,
+) -> CollectSummary:
+    """Collect every item not yet in `out_dir/samples.jsonl`, `workers` at a time;
+    `progress(summary)` is called once before the first question and after each one.
+
+    Resumable: the file is append-only, each line is written whole with one write and
+    fsync'd, a torn last line (a crash mid-write) is cut off on the next start, and ids
+    already present are skipped. So an interruption loses at most the questions in flight,
+    which the next run does; none is done twice.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_meta(out_dir, meta)
+    path = out_dir / SAMPLES_FILE
+    done = set(collected_ids(path))
+    todo = [item for item in items if item.qid not in done]
+    summary = CollectSummary(len(items) - len(todo), 0, len(items), path)
+    report = progress or (lambda _summary: None)
+    report(summary)
+    lock = threading.Lock()
+
+    with jsonl.Appender(path) as samples:
+
+        def one(item: Item) -> None:
+            samples.append(collect_one(item, params))
+            with lock:
+                summary.collected += 1
+                report(summary)
+
+        _run_bounded(one, todo, workers)
+    return summary
+
+
+def _run_bounded(fn: Callable[[Item], None], items: Sequence[Item], workers: int) -> None:
+    """Run fn over items with at most `workers` in flight; on the first failure stop
+    submitting, let the running ones finish (their lines are kept), then raise."""
+    if workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    pending = iter(items)
+    running: set[Future] = set()
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for item in itertools.islice(pending, workers):
+            running.add(pool.submit(fn, item))
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                if future.exception() is not None and failure is None:
+                    failure = future.exception()
+            if failure is None:
+                for item in itertools.islice(pending, len(finished)):
+                    running.add(pool.submit(fn, item))
+    if failure is not None:
+        raise failure
+
+
+def collected_ids(path: Path) -> list[str]:
+    """Ids already in a samples file (a torn last line is not one)."""
+    try:
+        return [line["id"] for _, line in jsonl.read(path)]
+    except jsonl.BadLine as error:
+        raise CollectError(str(error)) from None
+
+
+_META_MUST_MATCH = ("format", "version", "budgets", "executor_max_tokens", "temperature", "top_p")
+
+
+def _check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
+    meta = {"format": SAMPLES_FORMAT, "version": SAMPLES_VERSION} | meta
+    path = out_dir / META_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in _META_MUST_MATCH if old.get(k) != meta.get(k)]
+        if changed:
+            what = ", ".join(f"{k} {old.get(k)!r} (now {meta.get(k)!r})" for k in changed)
+            raise CollectError(
+                f"{out_dir} was collected with {what}: resume with the same "
+                "options or collect into a new --out directory"
+            )
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def collect_meta(dataset: Path, params: JobParams, engines: Engines, mode: str) -> dict[str, Any]:
+    return {
+        "budgets": list(params.budgets),
+        "executor_max_tokens": params.executor_max_tokens,
+        "temperature": params.temperature,
+        "top_p": params.top_p,
+        "dataset": str(dataset.resolve()),
+        "dataset_sha256": sha256_file(dataset),
+        "mode": mode,
+        "models": _models(engines, mode),
+        "text_format": TEXT_FORMAT,
+        "scoring_max_tokens": SCORING_MAX_TOKENS,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def _models(engines: Engines, mode: str) -> dict[str, Any]:
+    """The models by role; the classifier's is stored as "feature" (the feature model, as
+    the artifact's provenance has always called it)."""
+    roles = ("classifier",) if mode == "services" else ("coordinator", "executor", "classifier")
+    models = {}
+    for role in roles:
+        models["feature" if role == "classifier" else role] = {
+            "name": engines.backend(role).model_name,
+            "n_params": engines.n_params(role),
+        }
+    return models
