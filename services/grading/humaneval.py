@@ -191,11 +191,15 @@ def build_program(problem: Problem, candidate: str) -> tuple[str | None, str]:
         return None, f"{answer.reason}; as a completion of the prompt: SyntaxError: {error.msg}{where}"
     except (ValueError, RecursionError, MemoryError) as error:
         return None, f"{answer.reason}; as a completion: {type(error).__name__}"
-    if not any(
-        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
-        and node.name == problem.entry_point
+    stubs = [
+        node
         for node in module.body
-    ):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.name == problem.entry_point
+    ]
+    # A completion continues the entry point's body: the function must end past the prompt
+    # (else it is the prompt's docstring-only stub, and the candidate wrote something else).
+    if not stubs or (stubs[-1].end_lineno or 0) <= problem.prompt.count("\n"):
         return None, answer.reason
     return completed + check, ""
 
