@@ -220,7 +220,7 @@ def _wrap(answer: str) -> str:
 # ---------------------------------------------------------------- code answers
 
 _PYTHON_TAGS = {"", "python", "python3", "py", "py3"}
-_MAX_REPAIRS = 200  # prose lines commented out (or truncations) while looking for the code
+_CONTINUES = re.compile(r"(?:else|elif|except|finally)\b|[)\]}]")
 _MAX_CODE_CHARS = 200_000
 _Definition = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
 
@@ -242,12 +242,13 @@ def extract_code(reply: str, entry_point: str) -> CodeAnswer:
 
     Looked for in the reply's fenced Python blocks (```python, ```py or a bare ```; an
     unclosed last fence runs to the end of the reply), the last block that defines the
-    function winning; then in the whole reply, prose and all. Prose lines around the code
-    are tolerated: a top-level line that does not parse is commented out, and a reply cut
-    off inside the code is cut back to where it still parses. Of the code, only the last
-    top-level definition of ``entry_point`` is kept, with the top-level imports, functions,
-    classes and assignments it refers to (transitively), in their original order; calls,
-    prints, asserts and ``if __name__ == "__main__":`` blocks around it are dropped.
+    function winning; then in the whole reply, prose and all. Prose around the code is
+    tolerated: when the text does not parse as a whole, the top-level chunks that do not
+    parse on their own (prose, a function cut off mid-way) are left out. Of the code, only
+    the last top-level definition of ``entry_point`` is kept, with the top-level imports,
+    functions, classes and assignments it refers to (transitively), in their original order;
+    calls, prints, asserts and ``if __name__ == "__main__":`` blocks around it are dropped.
+    Only the first 200,000 characters of a reply are read.
     """
     if not entry_point.isidentifier():
         raise ValueError(f"entry point {entry_point!r} is not a Python identifier")
@@ -261,10 +262,11 @@ def extract_code(reply: str, entry_point: str) -> CodeAnswer:
             return CodeAnswer(code, f"from {where} of {len(blocks)}")
     code = _function_with_helpers(_without_fence_lines(reply[:_MAX_CODE_CHARS]), entry_point)
     if code:
-        return CodeAnswer(code, "from the reply" + (" (no fenced block)" if not blocks else ""))
-    if re.search(rf"\bdef\s+{entry_point}\s*\(", reply):
-        return CodeAnswer(None, f"the function {entry_point} in the reply does not parse")
-    return CodeAnswer(None, f"no function named {entry_point} in the reply")
+        return CodeAnswer(code, "from the reply" + (" (no fenced Python block)" if not blocks else ""))
+    read = "" if len(reply) <= _MAX_CODE_CHARS else f" (its first {_MAX_CODE_CHARS} characters)"
+    if re.search(rf"\bdef\s+{entry_point}\s*\(", reply[:_MAX_CODE_CHARS]):
+        return CodeAnswer(None, f"the function {entry_point} in the reply{read} does not parse")
+    return CodeAnswer(None, f"no function named {entry_point} in the reply{read}")
 
 
 def _python_blocks(text: str) -> list[str]:
@@ -316,26 +318,44 @@ def _function_with_helpers(source: str, entry_point: str) -> str | None:
 
 
 def _parse_tolerantly(source: str) -> tuple[ast.Module, list[str]] | None:
-    """Parse, commenting out top-level lines that do not parse (prose) and cutting the
-    text before an error inside indented code (a reply that stopped mid-function)."""
+    """Parse the code, or else the parts of it that parse: the text is cut into top-level
+    chunks (a line at column 0 and the indented lines after it) and each chunk that does not
+    parse on its own (prose, a function cut off mid-way) is blanked out. Line numbers are
+    kept. Linear in the text: each chunk is parsed once."""
     lines = source.splitlines()
-    for _ in range(_MAX_REPAIRS):
+    try:
+        return ast.parse(source), lines
+    except SyntaxError:
+        pass
+    except (ValueError, RecursionError, MemoryError):  # NUL bytes, absurd nesting
+        return None
+    kept = [""] * len(lines)
+    for start, end in _chunks(lines):
+        chunk = lines[start:end]
         try:
-            return ast.parse("\n".join(lines)), lines
-        except SyntaxError as error:
-            if not lines or error.lineno is None:
-                return None
-            index = min(max(error.lineno, 1), len(lines)) - 1
-            line = lines[index]
-            if line.strip() and not line[0].isspace() and not line.startswith("#"):
-                lines[index] = "# " + line
-            elif index > 0:
-                lines = lines[:index]
-            else:
-                return None
-        except (ValueError, RecursionError, MemoryError):  # NUL bytes, absurd nesting
-            return None
-    return None
+            ast.parse("\n".join(chunk))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        kept[start:end] = chunk
+    try:
+        return ast.parse("\n".join(kept)), kept
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _chunks(lines: list[str]) -> list[tuple[int, int]]:
+    """[start, end) of each top-level chunk: from a line at column 0 to the next one; a
+    decorator stays with what it decorates, ``else``/``except``/closing brackets with what
+    they close."""
+    starts: list[int] = []
+    previous = ""
+    for index, line in enumerate(lines):
+        if not line[:1].strip() or line.startswith("#"):
+            continue
+        if not (_CONTINUES.match(line) or previous.startswith("@")) or not starts:
+            starts.append(index)
+        previous = line
+    return [(start, end) for start, end in zip(starts, [*starts[1:], len(lines)], strict=True)]
 
 
 def _needed_statements(module: ast.Module, target: ast.stmt) -> list[ast.stmt]:
@@ -371,6 +391,11 @@ def _bound_names(node: ast.stmt) -> list[str]:
         return [node.name]
     if isinstance(node, ast.Import | ast.ImportFrom):
         return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    if isinstance(node, ast.Try | ast.If | ast.With):  # try: import x / except: x = None
+        inner = [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", [])]
+        for handler in getattr(node, "handlers", []):
+            inner.extend(handler.body)
+        return [name for statement in inner for name in _bound_names(statement)]
     targets: list[ast.expr] = []
     if isinstance(node, ast.Assign):
         targets = node.targets
