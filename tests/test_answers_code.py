@@ -160,6 +160,7 @@ def test_the_last_of_two_definitions_in_a_block_is_the_one() -> None:
         ("", "empty reply"),
         ("   \n", "empty reply"),
         ("I cannot solve this.", "no function named target in the reply"),
+        ("    return x + 1\n", "no function named target in the reply"),  # a bare body
         ("```python\ndef other():\n    pass\n```", "no function named target in the reply"),
         ("```python\nclass target:\n    pass\n```", "no function named target in the reply"),
         ("def target(:\n    pass\n", "the function target in the reply does not parse"),

@@ -355,7 +355,7 @@ def _chunks(lines: list[str]) -> list[tuple[int, int]]:
         if not (_CONTINUES.match(line) or previous.startswith("@")) or not starts:
             starts.append(index)
         previous = line
-    return [(start, end) for start, end in zip(starts, [*starts[1:], len(lines)], strict=True)]
+    return list(zip(starts, [*starts[1:], len(lines)][: len(starts)], strict=True))
 
 
 def _needed_statements(module: ast.Module, target: ast.stmt) -> list[ast.stmt]:

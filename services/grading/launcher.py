@@ -13,6 +13,11 @@ how the program ended, one JSON object per line, to the status pipe STATUS_FD:
     {"event": "started"}
     {"event": "completed"} | {"event": "exception", "type", "message", "line", "text"}
     | {"event": "exit", "code"} | {"event": "syntax_error", "message", "line", "text"}
+    | {"event": "cpu_limit"}
+
+It is the sandbox's PID 1 (bwrap ``--as-pid-1``): processes the program forks and leaves
+behind are reparented to it, and it ignores signals it has no handler for, so it handles
+SIGXCPU itself.
 
 The pipe tells a program that ran to its end from one that left early (``os._exit(0)``
 before the checks, a crash, a signal); it is not a defence against code written to forge it.
@@ -24,6 +29,7 @@ import json
 import linecache
 import os
 import resource
+import signal
 import sys
 import traceback
 
@@ -43,6 +49,17 @@ def main() -> None:
         except Exception:
             pass
 
+    main_pid = getpid()
+
+    def cpu_limit(signum: int, frame: object) -> None:
+        # The launcher is the sandbox's PID 1, and PID 1 ignores signals it has no handler
+        # for: without this, the CPU soft limit would pass unnoticed until the hard one's
+        # SIGKILL.
+        if getpid() == main_pid:
+            report({"event": "cpu_limit"})
+        exit_now(1)
+
+    signal.signal(signal.SIGXCPU, cpu_limit)
     for name, (soft, hard) in limits.items():
         _limit(getattr(resource, name), int(soft), int(hard))
     report({"event": "started"})
@@ -63,7 +80,6 @@ def main() -> None:
         )
         exit_now(2)
 
-    main_pid = getpid()
     namespace = {"__name__": "__candidate__", "__builtins__": builtins}
     try:
         exec(code, namespace)

@@ -18,8 +18,9 @@ gives (docs/grading.md has the whole picture and what an unprivileged host needs
   bwrap process itself is started with an empty environment too (its /proc/1/environ).
 - **resource limits**, set by the launcher inside the sandbox: CPU seconds (SIGXCPU),
   address space (MemoryError), file size (EFBIG), open files, no core files, and processes.
-- **wall clock**: past ``timeout_s`` the grader SIGKILLs bwrap's process group; bwrap's init
-  dies with it (``--die-with-parent``) and the kernel ends the PID namespace.
+- **wall clock**: past ``timeout_s`` the grader SIGKILLs the sandbox's PID 1, and the kernel
+  ends every process of its PID namespace; should bwrap itself die, ``--die-with-parent``
+  takes the sandbox with it.
 - **output**: stdout and stderr are drained as they come and only the last
   ``max_output_bytes`` of each are kept, so megabytes of output cost no memory here.
 
@@ -31,6 +32,12 @@ counted per user namespace, and each sandbox has its own, so the limit the launc
 counts exactly this sandbox's processes and threads: concurrent sandboxes and the host's
 other ``nobody`` processes do not share it. A pids cgroup would do the same but needs a
 writable, delegated cgroup, which neither these CI machines nor a default Kubernetes pod has.
+
+Why the launcher is PID 1 (``--as-pid-1``): with its own init, bwrap exits as soon as the
+program does, before its init is reaped, and every run leaves an orphan that the host's PID 1
+must reap; in a container whose PID 1 is this very process (no tini), those zombies would pile
+up. As PID 1 the launcher is bwrap's direct child, which bwrap reaps. PID 1 ignores signals it
+has no handler for (the launcher handles SIGXCPU), and when it exits the PID namespace ends.
 
 Limits are per process: a program that forks ``max_processes`` children can hold up to
 ``max_processes * memory_mb`` of memory until the timeout; the grading host (or pod) needs a
@@ -94,7 +101,7 @@ class SandboxLimits:
 
     timeout_s: float = 10.0  # wall clock, whole sandbox
     memory_mb: int = 512  # address space (RLIMIT_AS)
-    max_processes: int = 16  # processes and threads, bwrap's init included (RLIMIT_NPROC)
+    max_processes: int = 16  # processes and threads, the launcher's included (RLIMIT_NPROC)
     file_size_mb: int = 16  # largest file it may write (RLIMIT_FSIZE)
     workdir_mb: int = 64  # size of the /sandbox tmpfs
     max_output_bytes: int = 64 * 1024  # tail kept of stdout and of stderr, each
@@ -104,7 +111,7 @@ class SandboxLimits:
         checks = {
             "timeout_s": self.timeout_s > 0,
             "memory_mb": self.memory_mb >= 32,
-            "max_processes": self.max_processes >= 2,  # bwrap's init and the program
+            "max_processes": self.max_processes >= 2,
             "file_size_mb": self.file_size_mb >= 1,
             "workdir_mb": self.workdir_mb >= 1,
             "max_output_bytes": self.max_output_bytes >= 256,
@@ -215,6 +222,7 @@ class Sandbox:
             *(["--disable-userns"] if _supports(self.bwrap, "--disable-userns") else []),
             "--die-with-parent",
             "--new-session",
+            "--as-pid-1",  # no bwrap init inside: see "Why the launcher is PID 1" above
             "--hostname",
             "sandbox",
             "--clearenv",
@@ -398,17 +406,46 @@ def _collect(
         process.wait(timeout=max(0.0, deadline - time.monotonic()) + KILL_GRACE_S)
     except subprocess.TimeoutExpired:
         timed_out = True
-        _kill(process)
+        _kill_group(process)
         process.wait()
     return streams, timed_out
 
 
 def _kill(process: subprocess.Popen[bytes]) -> None:
-    """SIGKILL bwrap's process group; its init dies with it and takes the PID namespace."""
+    """SIGKILL the sandbox's PID 1 (bwrap's child): the kernel then ends every process of
+    its PID namespace, and bwrap reaps it and exits. Only when it cannot be found, bwrap's
+    process group, which would leave PID 1 to the host's init to reap."""
+    children = _children(process.pid)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    if not children:
+        _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         process.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``, from /proc (the kernel's children lists need
+    CONFIG_PROC_CHILDREN, which not every kernel has)."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                    stat = handle.read()
+            except OSError:
+                continue
+            # pid (comm) state ppid ...: comm may hold spaces and parentheses
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if len(fields) > 1 and int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
 
 
 def _events(status: _Tail) -> tuple[bool, dict[str, object] | None]:
@@ -446,7 +483,7 @@ def _judge(
     verdict: Verdict
     if timed_out:
         verdict, reason = "timeout", f"wall-clock limit of {limits.timeout_s:g} s reached"
-    elif signame == "SIGXCPU":
+    elif signame == "SIGXCPU" or (outcome or {}).get("event") == "cpu_limit":
         verdict, reason = "timeout", f"CPU-time limit of {limits.rlimits()['RLIMIT_CPU'][0]} s reached"
     elif not started:
         detail = _last_line(streams.stderr.text()) or f"exit status {returncode}"
