@@ -17,6 +17,7 @@ import json
 import os
 import re
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -351,6 +352,44 @@ def test_limits_are_in_force_inside(grader: Grader) -> None:
     assert ast.literal_eval(grade.result.stdout) == expected
     too_big = graded(grader, "open('big', 'wb').write(b'x' * (17 << 20))\nreturn 'ok'")
     assert too_big.verdict == "failed" and "File too large" in too_big.reason
+
+
+UNPRIVILEGED_GRADER = """
+import json, os
+from services.grading.sandbox import Sandbox, SandboxLimits
+sandbox = Sandbox(SandboxLimits(timeout_s=3, max_processes=8))
+bomb = sandbox.run(
+    "import os, time\\nn = 0\\ntry:\\n    while True:\\n        if os.fork() == 0:\\n"
+    "            time.sleep(10)\\n            os._exit(0)\\n        n += 1\\n"
+    "except OSError:\\n    print(n)\\n"
+)
+network = sandbox.run("import socket\\nsocket.create_connection(('127.0.0.1', 5432))")
+print(json.dumps({"uid": os.getuid(), "forks": bomb.stdout.strip(), "bomb": bomb.verdict,
+                  "network": network.reason}))
+"""
+
+
+def test_an_unprivileged_grader_sandboxes_the_same(grader: Grader) -> None:
+    """As any other user than root (docs/grading.md): bwrap builds the sandbox through an
+    unprivileged user namespace, and the process limit still counts only that sandbox."""
+    if os.geteuid() != 0:
+        pytest.skip("this whole suite already runs unprivileged")
+    if not (os.path.exists("/usr/bin/python3") and shutil.which("setpriv")):
+        pytest.skip("needs /usr/bin/python3 and setpriv (util-linux)")
+    if any(not folder.stat().st_mode & 0o001 for folder in [ROOT, *ROOT.parents]):
+        pytest.skip(f"{ROOT} is not reachable by other users")
+    uid = 64_000  # a uid no account on the machine uses
+    done = subprocess.run(
+        ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+         "/usr/bin/python3", "-I", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+         + UNPRIVILEGED_GRADER],
+        capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}, cwd="/",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    assert seen["uid"] == uid and seen["bomb"] == "passed"
+    assert seen["forks"] == "7"  # 8 processes: the launcher and 7 children, then EAGAIN
+    assert seen["network"].startswith("ConnectionRefusedError")
 
 
 # ---------------------------------------------------------------- HumanEval
