@@ -6,8 +6,8 @@ gives (docs/grading.md has the whole picture and what an unprivileged host needs
 
 - **bwrap namespaces** (``--unshare-all --unshare-user``): its own network namespace (only a
   loopback with nothing listening: 127.0.0.1:5432 is refused, the outside unreachable), its
-  own PID namespace (it sees only its own processes; when its init dies, the kernel kills
-  every process in it, so one kill of bwrap ends the whole sandbox), IPC, UTS and cgroup
+  own PID namespace (it sees only its own processes; when its PID 1, the launcher, ends or
+  is killed, the kernel kills every process in it), IPC, UTS and cgroup
   namespaces, and a user namespace in which it holds no capabilities (``--disable-userns``:
   it cannot nest another).
 - **filesystem**: a new root with only /usr (and the /bin, /lib... links into it) read-only,
@@ -15,7 +15,7 @@ gives (docs/grading.md has the whole picture and what an unprivileged host needs
   ``workdir_mb``, the only writable place, gone when the sandbox ends. No /etc, /home, /root,
   /tmp, /work or repository checkout exists inside.
 - **environment**: emptied (``--clearenv``); only PATH, LANG, HOME and TMPDIR are set. The
-  bwrap process itself is started with an empty environment too (its /proc/1/environ).
+  bwrap process itself is started with an empty environment too.
 - **resource limits**, set by the launcher inside the sandbox: CPU seconds (SIGXCPU),
   address space (MemoryError), file size (EFBIG), open files, no core files, and processes.
 - **wall clock**: past ``timeout_s`` the grader SIGKILLs the sandbox's PID 1, and the kernel
