@@ -461,6 +461,9 @@ def test_replies_functions_and_completions_are_all_graded(grader: Grader) -> Non
     assert none.seconds == 0 and none.result is None
     broken = grader.grade(problem, "    return [w for w in words\n")
     assert broken.verdict == "error" and "SyntaxError" in broken.reason
+    cut_off = grader.grade(problem, "```python\ndef longest_palindrome(words):\n    return [w\n```")
+    assert cut_off.verdict == "error"
+    assert cut_off.reason == "the function longest_palindrome in the reply does not parse"
 
 
 def test_programs_are_built_from_the_prompt_and_the_candidate() -> None:

@@ -182,6 +182,9 @@ def build_program(problem: Problem, candidate: str) -> tuple[str | None, str]:
     answer = extract_code(candidate, problem.entry_point)
     if answer.code is not None:
         return f"{_preamble(problem)}\n\n{answer.code}{check}", ""
+    first = next((line for line in candidate.splitlines() if line.strip()), "")
+    if not first[:1].isspace():  # a completion continues the stub's body: it is indented
+        return None, answer.reason
     completed = problem.prompt + candidate
     try:
         module = ast.parse(completed)
