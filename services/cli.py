@@ -156,6 +156,7 @@ def register_optional_commands() -> None:
         "services.classifier_cli",
         "services.batch_cli",
         "services.evaluation.cli",
+        "services.grading.cli",
     ):
         module.register(cli)
 

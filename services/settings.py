@@ -100,6 +100,14 @@ class Settings(BaseSettings):
     stage_deadline_s: float = Field(default=120.0, gt=0)  # no heartbeat this long: re-enqueue
     visibility_timeout_s: int = Field(default=3600, ge=60)  # Redis redelivers unacked after this
 
+    # Code grading sandbox (services/grading; docs/grading.md). Memory and file size per process.
+    grader_timeout_s: float = Field(default=10.0, gt=0, le=3600)  # wall clock per item
+    grader_memory_mb: int = Field(default=512, ge=32)  # address space (RLIMIT_AS)
+    grader_max_processes: int = Field(default=16, ge=2)  # processes + threads per sandbox
+    grader_file_size_mb: int = Field(default=16, ge=1)  # largest file a program may write
+    grader_workers: int = Field(default=0, ge=0)  # sandboxes at once; 0: one per core
+    grader_python: str | None = None  # interpreter inside the sandbox; default: found under /usr
+
     # Evaluation reports shown on the dashboard (the --out folder of `tandem eval`)
     eval_dir: str | None = None
 

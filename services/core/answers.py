@@ -18,16 +18,23 @@ equality, then plain numeric equality (decisive when both sides are plain
 numbers), then ``math_verify`` with its signal-based timeouts disabled, so it is
 safe in worker threads. Inputs that could make sympy compute for ever (power
 towers, huge exponents or factorials, very long strings) skip math-verify.
+
+``extract_code`` is the code task's extraction: the function a reply defines under the
+item's entry point, with the imports and helpers it uses (see its docstring). It only
+parses the reply (``ast``), it never runs it: code answers are run by services/grading.
 """
 
 from __future__ import annotations
 
+import ast
 import math
 import re
+import textwrap
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["extract_answer", "is_correct", "reference_answer"]
+__all__ = ["CodeAnswer", "extract_answer", "extract_code", "is_correct", "reference_answer"]
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
@@ -208,3 +215,205 @@ def _wrap(answer: str) -> str:
     if "\\boxed" in answer or answer.startswith(("$", "\\(", "\\[")):
         return answer
     return f"${answer}$"
+
+
+# ---------------------------------------------------------------- code answers
+
+_PYTHON_TAGS = {"", "python", "python3", "py", "py3"}
+_CONTINUES = re.compile(r"(?:else|elif|except|finally)\b|[)\]}]")
+_MAX_CODE_CHARS = 200_000
+_Definition = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+
+
+@dataclass(frozen=True)
+class CodeAnswer:
+    """The code extracted from a reply (None when there is none) and where it came from or
+    why nothing was found. True when there is code."""
+
+    code: str | None
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.code is not None
+
+
+def extract_code(reply: str, entry_point: str) -> CodeAnswer:
+    """The function ``entry_point`` a reply defines, with the imports and helpers it uses.
+
+    Looked for in the reply's fenced Python blocks (```python, ```py or a bare ```; an
+    unclosed last fence runs to the end of the reply), the last block that defines the
+    function winning; then in the whole reply, prose and all. Prose around the code is
+    tolerated: when the text does not parse as a whole, the top-level chunks that do not
+    parse on their own (prose, a function cut off mid-way) are left out. Of the code, only
+    the last top-level definition of ``entry_point`` is kept, with the top-level imports,
+    functions, classes and assignments it refers to (transitively), in their original order;
+    calls, prints, asserts and ``if __name__ == "__main__":`` blocks around it are dropped.
+    Only the first 200,000 characters of a reply are read.
+    """
+    if not entry_point.isidentifier():
+        raise ValueError(f"entry point {entry_point!r} is not a Python identifier")
+    if not reply or not reply.strip():
+        return CodeAnswer(None, "empty reply")
+    blocks = _python_blocks(reply[:_MAX_CODE_CHARS])
+    for number in range(len(blocks), 0, -1):
+        code = _function_with_helpers(blocks[number - 1], entry_point)
+        if code:
+            where = "the last fenced block" if number == len(blocks) else f"fenced block {number}"
+            return CodeAnswer(code, f"from {where} of {len(blocks)}")
+    code = _function_with_helpers(_without_fence_lines(reply[:_MAX_CODE_CHARS]), entry_point)
+    if code:
+        return CodeAnswer(code, "from the reply" + (" (no fenced Python block)" if not blocks else ""))
+    read = "" if len(reply) <= _MAX_CODE_CHARS else f" (its first {_MAX_CODE_CHARS} characters)"
+    if re.search(rf"\bdef\s+{entry_point}\s*\(", reply[:_MAX_CODE_CHARS]):
+        return CodeAnswer(None, f"the function {entry_point} in the reply{read} does not parse")
+    return CodeAnswer(None, f"no function named {entry_point} in the reply{read}")
+
+
+def _python_blocks(text: str) -> list[str]:
+    """Bodies of the fenced blocks tagged as Python (or untagged), in order."""
+    blocks: list[str] = []
+    body: list[str] | None = None
+    tag = ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if body is None:
+            if stripped.startswith("```"):
+                tag, body = stripped.strip("`").strip().split(" ")[0].lower(), []
+        elif stripped.startswith("```") and not stripped.strip("`").strip():
+            if tag in _PYTHON_TAGS:
+                blocks.append(textwrap.dedent("\n".join(body)))
+            body = None
+        else:
+            body.append(line)
+    if body is not None and tag in _PYTHON_TAGS:  # the reply ended inside the block
+        blocks.append(textwrap.dedent("\n".join(body)))
+    return blocks
+
+
+def _without_fence_lines(text: str) -> str:
+    return "\n".join("" if line.strip().startswith("```") else line for line in text.splitlines())
+
+
+def _function_with_helpers(source: str, entry_point: str) -> str | None:
+    parsed = _parse_tolerantly(source)
+    if parsed is None:
+        return None
+    module, lines = parsed
+    targets = [
+        node
+        for node in module.body
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == entry_point
+    ]
+    if not targets:
+        return None
+    kept = _needed_statements(module, targets[-1])
+    spans: list[tuple[int, int]] = []
+    for node in kept:
+        decorators = getattr(node, "decorator_list", [])
+        start = min([node.lineno, *(d.lineno for d in decorators)])
+        span = (start, node.end_lineno or node.lineno)
+        if span not in spans:
+            spans.append(span)
+    return "\n\n".join("\n".join(lines[a - 1 : b]).rstrip() for a, b in spans) + "\n"
+
+
+def _parse_tolerantly(source: str) -> tuple[ast.Module, list[str]] | None:
+    """Parse the code, or else the parts of it that parse: the text is cut into top-level
+    chunks (a line at column 0 and the indented lines after it) and each chunk that does not
+    parse on its own (prose, a function cut off mid-way) is blanked out. Line numbers are
+    kept. Linear in the text: each chunk is parsed once."""
+    lines = source.splitlines()
+    try:
+        return ast.parse(source), lines
+    except SyntaxError:
+        pass
+    except (ValueError, RecursionError, MemoryError):  # NUL bytes, absurd nesting
+        return None
+    kept = [""] * len(lines)
+    for start, end in _chunks(lines):
+        chunk = lines[start:end]
+        try:
+            ast.parse("\n".join(chunk))
+        except (SyntaxError, ValueError, RecursionError, MemoryError):
+            continue
+        kept[start:end] = chunk
+    try:
+        return ast.parse("\n".join(kept)), kept
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return None
+
+
+def _chunks(lines: list[str]) -> list[tuple[int, int]]:
+    """[start, end) of each top-level chunk: from a line at column 0 to the next one; a
+    decorator stays with what it decorates, ``else``/``except``/closing brackets with what
+    they close."""
+    starts: list[int] = []
+    previous = ""
+    for index, line in enumerate(lines):
+        if not line[:1].strip() or line.startswith("#"):
+            continue
+        if not (_CONTINUES.match(line) or previous.startswith("@")) or not starts:
+            starts.append(index)
+        previous = line
+    return list(zip(starts, [*starts[1:], len(lines)][: len(starts)], strict=True))
+
+
+def _needed_statements(module: ast.Module, target: ast.stmt) -> list[ast.stmt]:
+    """``target`` and the top-level statements that define the names it uses, transitively;
+    ``from __future__`` and star imports always. In source order."""
+    defines: dict[str, list[ast.stmt]] = {}
+    always: list[ast.stmt] = []
+    for node in module.body:
+        if node is not target:
+            for name in _bound_names(node):
+                defines.setdefault(name, []).append(node)
+        if isinstance(node, ast.ImportFrom) and (
+            node.module == "__future__" or any(alias.name == "*" for alias in node.names)
+        ):
+            always.append(node)
+    kept: list[ast.stmt] = [target, *always]
+    queue = [target]
+    seen_names: set[str] = set()
+    while queue:
+        for name in _used_names(queue.pop()) - seen_names:
+            seen_names.add(name)
+            for node in defines.get(name, []):
+                if not any(node is k for k in kept):
+                    kept.append(node)
+                    queue.append(node)
+    order = {id(node): i for i, node in enumerate(module.body)}
+    return sorted(kept, key=lambda node: order[id(node)])
+
+
+def _bound_names(node: ast.stmt) -> list[str]:
+    """Names a top-level import, definition or plain assignment binds."""
+    if isinstance(node, _Definition):
+        return [node.name]
+    if isinstance(node, ast.Import | ast.ImportFrom):
+        return [(alias.asname or alias.name).split(".")[0] for alias in node.names]
+    if isinstance(node, ast.Try | ast.If | ast.With):  # try: import x / except: x = None
+        inner = [*node.body, *getattr(node, "orelse", []), *getattr(node, "finalbody", [])]
+        for handler in getattr(node, "handlers", []):
+            inner.extend(handler.body)
+        return [name for statement in inner for name in _bound_names(statement)]
+    targets: list[ast.expr] = []
+    if isinstance(node, ast.Assign):
+        targets = node.targets
+    elif isinstance(node, ast.AnnAssign | ast.AugAssign) and getattr(node, "value", None):
+        targets = [node.target]
+    names: list[str] = []
+    for target in targets:
+        for item in ast.walk(target):
+            if isinstance(item, ast.Name):
+                names.append(item.id)
+    return names
+
+
+def _used_names(node: ast.AST) -> set[str]:
+    used: set[str] = set()
+    for item in ast.walk(node):
+        if isinstance(item, ast.Name):
+            used.add(item.id)
+        elif isinstance(item, ast.Global | ast.Nonlocal):
+            used.update(item.names)
+    return used
