@@ -1368,3 +1368,52 @@ def test_images_are_built_as_documented_and_run_as_non_root():
         users = re.findall(r"^USER (\S+)$", text, re.M)
         assert users and users[-1].split(":")[0] == "10001"
         assert re.search(r"HOME=/tmp", text)  # the root filesystem is read-only when deployed
+
+
+# --- dashboard of the serving path ------------------------------------------------------------
+
+# The metrics the autoscaling contract names (exported by the workers and the reconciler),
+# and SGLang's own (sglang/srt/metrics/collector.py of the pinned SGLang release).
+SCALING_METRICS = {"tandem_queue_depth": {"queue"}, "tandem_stages_in_flight": {"queue"}}
+TARGET_LABELS = {"namespace", "pod"}  # added by the scrape, not by the exporter
+SGLANG_METRICS = {
+    "sglang:num_running_reqs",
+    "sglang:num_queue_reqs",
+    "sglang:token_usage",
+    "sglang:gen_throughput",
+    "sglang:cache_hit_rate",
+    "sglang:num_used_tokens",
+    "sglang:time_to_first_token_seconds_bucket",
+    "sglang:e2e_request_latency_seconds_bucket",
+}
+
+
+def test_serving_dashboard_shows_the_scaling_metrics_and_the_model_servers():
+    document = json.loads((ROOT / "dashboards" / "serving.json").read_text())
+    exprs = [t["expr"] for p in document["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 8
+    used_tandem: set[str] = set()
+    used_sglang: set[str] = set()
+    for expr in exprs:
+        tandem = set(re.findall(r"\b(tandem_[a-z_]+)", expr))
+        sglang = set(re.findall(r"(sglang:[a-z_]+)", expr))
+        assert tandem or sglang, expr
+        assert tandem <= set(SCALING_METRICS), expr
+        assert sglang <= SGLANG_METRICS, expr
+        used_tandem |= tandem
+        used_sglang |= sglang
+        for metric, matchers in re.findall(r"((?:tandem_|sglang:)[a-z_]+)\{([^}]*)\}", expr):
+            allowed = SCALING_METRICS.get(metric, set()) | TARGET_LABELS
+            for label in re.findall(r"([a-z_]+)\s*(?:=~|!=|!~|=)", matchers):
+                assert label in allowed, (metric, label)
+        for grouping in re.findall(r"by \(([^)]*)\)", expr):
+            for label in (g.strip() for g in grouping.split(",")):
+                assert label in {"queue", "le", "role", *TARGET_LABELS}, (expr, label)
+    # Everything KEDA's query uses is on the dashboard, and SGLang's batch and cache state.
+    keda_metrics = {
+        m
+        for s in _objects(_render("gpu"), "ScaledObject")
+        for m in re.findall(r"\b(tandem_[a-z_]+)", s["spec"]["triggers"][0]["metadata"]["query"])
+    }
+    assert keda_metrics == used_tandem == set(SCALING_METRICS)
+    assert {"sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:gen_throughput"} <= used_sglang
