@@ -1008,21 +1008,28 @@ def test_migration_runs_before_any_tandem_pod(overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_first_upgrade_phase_holds_what_the_migration_job_needs(overlay):
-    """docs/deploy.md applies `-l app.kubernetes.io/component in (config,migrate)` first."""
+    """docs/deploy.md applies `-l app.kubernetes.io/component in (config,migrate,pgbouncer)`
+    first: the Job reaches Postgres through PgBouncer."""
     docs = _render(overlay)
     phase1 = {
         (d["kind"], d["metadata"]["name"])
         for d in docs
-        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") in ("config", "migrate")
+        if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") in ("config", "migrate", "pgbouncer")
     }
     job = _named(docs, "Job", "tandem-migrate")
     pod = _pod(job)
     needed = {("Namespace", "tandem"), ("ServiceAccount", pod["serviceAccountName"])}
     needed |= {("ConfigMap", src["configMapRef"]["name"]) for c in pod["containers"] for src in c.get("envFrom", [])}
     needed |= {("Secret", name) for name, _ in _secret_refs([job]) if _objects(docs, "Secret")}
+    pgbouncer = _named(docs, "Deployment", "tandem-pgbouncer")
+    needed |= {("Deployment", "tandem-pgbouncer"), ("Service", "tandem-pgbouncer")}
+    needed |= {("ConfigMap", v["configMap"]["name"]) for v in _pod(pgbouncer)["volumes"] if "configMap" in v}
+    if _objects(docs, "Secret"):
+        needed |= {("Secret", v["secret"]["secretName"]) for v in _pod(pgbouncer)["volumes"] if "secret" in v}
     assert needed <= phase1, needed - phase1
-    # Only the Job and configuration: no workload starts in phase 1.
-    assert not {k for k, _ in phase1} & {"Deployment", "StatefulSet"}
+    # Only the Job, PgBouncer and configuration: no tandem workload starts in phase 1.
+    workloads = {(k, n) for k, n in phase1 if k in ("Deployment", "StatefulSet")}
+    assert workloads == {("Deployment", "tandem-pgbouncer")}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
