@@ -1424,3 +1424,31 @@ def test_serving_dashboard_shows_the_scaling_metrics_and_the_model_servers():
     }
     assert keda_metrics == used_tandem == set(SCALING_METRICS)
     assert {"sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:gen_throughput"} <= used_sglang
+
+
+def test_pool_settings_shape_every_process_engine(database_url, monkeypatch):
+    """TANDEM_DB_POOL_SIZE / _MAX_OVERFLOW bound one process's connections (the numbers the
+    sizing in docs/deploy.md multiplies by the pods); TANDEM_DB_POOLER=pgbouncer turns off
+    server-side prepared statements on every connection."""
+    from services.settings import Settings, get_settings
+    from services.storage import db
+
+    for pooler, threshold in (("pgbouncer", None), ("none", 5)):
+        monkeypatch.setenv("TANDEM_DB_POOL_SIZE", "3")
+        monkeypatch.setenv("TANDEM_DB_MAX_OVERFLOW", "2")
+        monkeypatch.setenv("TANDEM_DB_POOLER", pooler)
+        get_settings.cache_clear()
+        db.dispose_engines()
+        try:
+            engine = db.get_engine(database_url)
+            assert (engine.pool.size(), engine.pool._max_overflow) == (3, 2)
+            with engine.connect() as connection:
+                assert connection.connection.dbapi_connection.prepare_threshold == threshold
+        finally:
+            db.dispose_engines()
+            get_settings.cache_clear()
+    monkeypatch.setenv("TANDEM_WORKER_CONCURRENCY", "256")
+    assert Settings().worker_concurrency == 256
+    monkeypatch.setenv("TANDEM_WORKER_CONCURRENCY", "0")
+    with pytest.raises(ValueError, match="worker_concurrency"):
+        Settings()
