@@ -224,7 +224,7 @@ for name in "${overlays[@]}"; do
   rendered+=("$OUT/$name.yaml")
 done
 
-log "validate (Kubernetes $K8S_VERSION, strict; KEDA via k8s/schemas)"
+log "validate (Kubernetes $K8S_VERSION, strict; KEDA and Prometheus Operator kinds via k8s/schemas)"
 "$PY" k8s/tools/validate_manifests.py -k "$K8S_VERSION" "${rendered[@]}" || die "manifest validation"
 
 log "self-test: the validator must reject an unknown field"
