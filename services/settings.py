@@ -6,11 +6,11 @@ reads the environment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # local: llama.cpp in this process; sglang: a server speaking the OpenAI-compatible
@@ -42,6 +42,8 @@ class ModelSettings:
     # Where a served model's chat template comes from: a tokenizer_config.json, a .jinja
     # file, or None (the server's, when it exposes one, else ChatML).
     chat_template: str | None = None
+    # Bearer token for the model server (SGLang's --api-key); None: send none.
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def env_prefix(self) -> str:
@@ -60,6 +62,13 @@ class Settings(BaseSettings):
     # Storage and broker
     database_url: str = "sqlite:///tandem.db"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # Connections of one process (SQLAlchemy pool): at most db_pool_size + db_max_overflow.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_max_overflow: int = Field(default=40, ge=0)
+    # What sits between the processes and Postgres. "pgbouncer": PgBouncer in transaction
+    # pooling mode, where consecutive transactions of one client may run on different server
+    # connections, so no server-side prepared statements are used.
+    db_pooler: Literal["none", "pgbouncer"] = "none"
 
     # Models, one block per role. The feature model (classifier scoring) defaults to the executor's.
     coordinator_backend: BackendKind = "local"
@@ -75,6 +84,12 @@ class Settings(BaseSettings):
     feature_backend: BackendKind | None = None
     feature_model: str | None = None
     feature_url: str | None = None
+    # Sent as `Authorization: Bearer ...` to every model server (SGLang --api-key).
+    model_api_key: SecretStr | None = None
+
+    # Workers: stages one worker process runs at once (its thread pool). With a model server
+    # behind it, size it to the server's batch capacity (SGLang --max-running-requests).
+    worker_concurrency: int = Field(default=16, ge=1, le=4096)
 
     # Local (llama.cpp) engine
     local_threads: int = Field(default=0, ge=0)  # 0: one per core
@@ -138,6 +153,7 @@ class Settings(BaseSettings):
                 url=self.feature_url or executor.url,
                 n_params=None,
                 chat_template=executor.chat_template,
+                api_key=self._model_api_key(),
             )
         return ModelSettings(
             role=role,
@@ -146,7 +162,11 @@ class Settings(BaseSettings):
             url=getattr(self, f"{role}_url"),
             n_params=getattr(self, f"{role}_params"),
             chat_template=getattr(self, f"{role}_chat_template"),
+            api_key=self._model_api_key(),
         )
+
+    def _model_api_key(self) -> str | None:
+        return self.model_api_key.get_secret_value() if self.model_api_key else None
 
 
 @lru_cache(maxsize=1)

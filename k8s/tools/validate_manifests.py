@@ -6,8 +6,10 @@ Each file is a multi-document YAML stream, as `kubectl kustomize` prints it.
 
 * Built-in kinds are checked with kubernetes-validate against the OpenAPI schemas it bundles
   for the chosen Kubernetes version, in strict mode (unknown fields are errors).
-* KEDA kinds (keda.sh/...) are checked with the JSON schemas in k8s/schemas/, which travel
-  with the repository; a KEDA kind without a schema there is an error.
+* Custom resources of the operators the deployment relies on (KEDA: keda.sh/...; Prometheus
+  Operator: monitoring.coreos.com/...) are checked with the JSON schemas in k8s/schemas/
+  (<group prefix>-<kind>.json), which travel with the repository; such a kind without a
+  schema there is an error.
 * A few cross-references no schema can see: a ScaledObject must target a Deployment and name
   a TriggerAuthentication present in the same stream, with minReplicaCount <= maxReplicaCount.
 
@@ -35,8 +37,13 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
         return [doc for doc in yaml.safe_load_all(fh) if doc]
 
 
-def keda_schema(kind: str) -> dict[str, Any] | None:
-    path = SCHEMA_DIR / f"keda-{kind.lower()}.json"
+# API groups whose kinds are validated with the schemas in k8s/schemas/.
+CRD_GROUPS = ("keda.sh", "monitoring.coreos.com")
+
+
+def crd_schema(api_version: str, kind: str) -> dict[str, Any] | None:
+    group = api_version.split("/", 1)[0]
+    path = SCHEMA_DIR / f"{group.split('.', 1)[0]}-{kind.lower()}.json"
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
@@ -52,10 +59,10 @@ def validate_document(doc: dict[str, Any], k8s_version: str) -> list[str]:
     kind = str(doc.get("kind", ""))
     if not api_version or not kind:
         return ["missing apiVersion or kind"]
-    if api_version.startswith("keda.sh/"):
-        schema = keda_schema(kind)
+    if api_version.split("/", 1)[0] in CRD_GROUPS:
+        schema = crd_schema(api_version, kind)
         if schema is None:
-            return [f"no schema for KEDA kind {kind} in {SCHEMA_DIR}"]
+            return [f"no schema for {api_version} {kind} in {SCHEMA_DIR}"]
         validator = jsonschema.Draft202012Validator(schema)
         return [
             f"{'/'.join(str(p) for p in err.absolute_path) or '<root>'}: {err.message}"

@@ -32,13 +32,21 @@ def _create(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
+    from services.settings import get_settings
+
+    settings = get_settings()
+    connect_args: dict[str, object] = {"connect_timeout": 3}
+    if settings.db_pooler == "pgbouncer":
+        # Transaction pooling: the next transaction may run on another server connection,
+        # where a statement psycopg prepared on the last one does not exist.
+        connect_args["prepare_threshold"] = None
     return create_engine(
         url,
-        pool_size=10,
-        max_overflow=40,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
         pool_pre_ping=True,
         pool_timeout=5,
-        connect_args={"connect_timeout": 3},
+        connect_args=connect_args,
     )
 
 
