@@ -41,7 +41,7 @@ PARAMS = {"budgets": [0, 32, 64], "executor_max_tokens": 48, "cost_preference": 
 
 def run_embedded(questions: list[str]) -> float:
     from services.core.engines import Engines
-    from services.core.params import parse_job_request
+    from services.core.requests import parse_job_request
     from services.core.runner import run_job
     from services.settings import Settings
 

@@ -35,7 +35,8 @@ from typing import Any, BinaryIO
 from sqlalchemy import case, delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
-from services.core.params import InvalidRequest, JobParams, JobRequest, parse_job_request
+from services.core.params import JobParams
+from services.core.requests import InvalidRequest, JobRequest, parse_job_request
 from services.jobs import Task, first_tasks
 from services.settings import Settings
 from services.storage.db import transaction

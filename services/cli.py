@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from services.core.backends.base import BackendError
-from services.core.params import InvalidRequest, JobRequest, parse_job_request
+from services.core.requests import InvalidRequest, JobRequest, parse_job_request
 from services.settings import Settings, get_settings
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (InvalidRequest, BackendError, OSError)

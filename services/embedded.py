@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from services.core.params import JobRequest
+from services.core.requests import JobRequest
 from services.core.steps import Outcome, StageRecord
 from services.storage import repository
 from services.storage.db import transaction, upgrade

@@ -8,6 +8,8 @@ Metric names (the Grafana dashboard in dashboards/grafana.json is built on them)
 - tandem_tflops_total{model,metric}           counter, metric = paper | prefill
 - tandem_stage_retries_total{queue}           counter, redeliveries after an error
 - tandem_reconciler_requeued_total            counter, jobs re-enqueued by the reconciler
+- tandem_stage_wasted_total{reason}           counter, stages that ran but were not recorded
+- tandem_stages_in_flight{queue}              gauge, stages running in this worker process
 - tandem_http_request_seconds{method,endpoint,status}   histogram (API)
 """
 
@@ -19,7 +21,7 @@ import sys
 import time
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from services.core.steps import StageRecord
 
@@ -33,6 +35,12 @@ TOKENS = Counter("tandem_tokens_total", "Tokens processed by stages", ["model", 
 TFLOPS = Counter("tandem_tflops_total", "TFLOPs spent by stages", ["model", "metric"])
 RETRIES = Counter("tandem_stage_retries_total", "Stage redeliveries after an error", ["queue"])
 REQUEUED = Counter("tandem_reconciler_requeued_total", "Jobs re-enqueued by the reconciler")
+WASTED = Counter(
+    "tandem_stage_wasted_total",
+    "Stage executions that ran but were not recorded (a lost lease, a cancel, a finished job)",
+    ["reason"],
+)
+IN_FLIGHT = Gauge("tandem_stages_in_flight", "Stages running in this worker process", ["queue"])
 HTTP_SECONDS = Histogram(
     "tandem_http_request_seconds",
     "API request latency",

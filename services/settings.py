@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # local: llama.cpp in this process; sglang: a server speaking the OpenAI-compatible
@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     max_question_chars: int = Field(default=8000, ge=1)
     max_stage_attempts: int = Field(default=5, ge=1)
     stage_deadline_s: float = Field(default=120.0, gt=0)  # no heartbeat this long: re-enqueue
+    # A stage running longer than this fails its attempt (its generation is aborted): below
+    # the deployment's termination grace, and below the visibility timeout.
+    stage_timeout_s: float = Field(default=600.0, gt=0)
     visibility_timeout_s: int = Field(default=3600, ge=60)  # Redis redelivers unacked after this
 
     # Code grading sandbox (services/grading; docs/grading.md). Memory and file size per process.
@@ -140,6 +143,15 @@ class Settings(BaseSettings):
     max_queue_depth: int = Field(default=100_000, ge=1)  # backpressure: 429 above this
     rate_limit_per_minute: int = Field(default=6000, ge=0)  # per key; 0: off
     max_active_jobs: int = Field(default=10_000, ge=0)  # unfinished single jobs per key; 0: off
+
+    @model_validator(mode="after")
+    def _stage_timeout_below_redelivery(self) -> Settings:
+        if self.stage_timeout_s >= self.visibility_timeout_s:
+            raise ValueError(
+                "TANDEM_STAGE_TIMEOUT_S must be below TANDEM_VISIBILITY_TIMEOUT_S, or Redis "
+                "redelivers a stage that is still running"
+            )
+        return self
 
     def model(self, role: Role) -> ModelSettings:
         """The model a role runs on. The classifier's is the feature model (TANDEM_FEATURE_*,

@@ -23,8 +23,9 @@ from services.core.classifier import cascade, training
 from services.core.classifier import collect as collecting
 from services.core.classifier import samples as samples_io
 from services.core.engines import Engines
-from services.core.params import JobParams, JobRequest
+from services.core.params import JobParams
 from services.core.prompts import classifier_text
+from services.core.requests import JobRequest
 from services.core.sufficiency import FEATURE_NAMES, features_from_scoring
 from services.settings import Settings
 

@@ -44,7 +44,7 @@ TANDEM_STAGES = [
 
 
 def add_job(url: str, owner: str, strategy: str, status: str, stages=(), **job: Any) -> str:
-    from services.core.params import parse_job_request
+    from services.core.requests import parse_job_request
     from services.core.steps import Outcome
     from services.storage import repository
     from services.storage.db import transaction

@@ -189,7 +189,7 @@ def running(services: Services, **start) -> Iterator[Services]:
 def embedded_stages(strategy_params) -> list[dict]:
     """The same job run in this process: what each stage must cost."""
     from services.core.engines import Engines
-    from services.core.params import parse_job_request
+    from services.core.requests import parse_job_request
     from services.core.runner import run_job
     from services.settings import Settings
 

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from services import jobs
 from services.broker import Broker
 from services.core.engines import Engines
-from services.core.params import parse_job_request
+from services.core.requests import parse_job_request
 from services.core.steps import Generate, Judge, step_from_json, step_to_json
 from services.storage.db import transaction
 from services.storage.models import Job, Stage

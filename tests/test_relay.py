@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
-from services.core.params import JobParams, JobRequest, parse_job_request
+from services.core.params import JobParams
 from services.core.prompts import solver_messages
+from services.core.requests import JobRequest, parse_job_request
 from services.core.steps import Generate, StageRecord
 from services.core.strategies import program_for
 from services.core.strategies.relay import (

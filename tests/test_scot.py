@@ -9,8 +9,9 @@ from functools import partial
 
 import pytest
 
-from services.core.params import InvalidRequest, JobParams, JobRequest, parse_job_request
+from services.core.params import JobParams
 from services.core.prompts import SELECTION_CUE, selection_messages, solver_messages
+from services.core.requests import InvalidRequest, JobRequest, parse_job_request
 from services.core.steps import Generate, StageRecord
 from services.core.strategies import program_for
 from services.core.strategies.scot import (

@@ -76,7 +76,7 @@ def test_tandem_job_through_the_queues_matches_the_embedded_run(
     stack: Stack, in_process_settings
 ) -> None:
     from services.core.engines import Engines
-    from services.core.params import parse_job_request
+    from services.core.requests import parse_job_request
     from services.core.runner import run_job
 
     job = stack.wait(stack.submit()["id"])

@@ -22,7 +22,7 @@ RELAY = {
 
 def embedded(strategy: str, params: dict, settings):
     from services.core.engines import Engines
-    from services.core.params import parse_job_request
+    from services.core.requests import parse_job_request
     from services.core.runner import run_job
 
     request = parse_job_request(

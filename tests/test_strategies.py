@@ -7,8 +7,9 @@ from functools import partial
 
 import pytest
 
-from services.core.params import InvalidRequest, JobParams, JobRequest, parse_job_request
+from services.core.params import JobParams
 from services.core.prompts import classifier_text, coordinator_messages, executor_messages
+from services.core.requests import InvalidRequest, JobRequest, parse_job_request
 from services.core.steps import Generate, Judge, StageRecord
 from services.core.strategies import program_for
 from services.core.strategies.tandem import tandem

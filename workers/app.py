@@ -8,30 +8,36 @@ import sys
 from celery import Celery, signals
 from kombu import Queue
 
+from services.queues import STAGE_QUEUES
 from services.settings import get_settings
-
-QUEUES = ("coordinator", "classifier", "executor")
 
 
 def make_app() -> Celery:
     settings = get_settings()
     app = Celery("tandem", broker=settings.redis_url, include=["workers.tasks"])
     app.conf.update(
-        task_queues=[Queue(name) for name in QUEUES],
+        task_queues=[Queue(name) for name in STAGE_QUEUES],
         task_default_queue="executor",
         task_serializer="json",
         accept_content=["json"],
         task_ignore_result=True,
         # A message is acked only after its stage committed; a worker that dies mid-stage
-        # leaves it to be redelivered. Stage writes are idempotent, so redelivery is safe.
+        # leaves it to be redelivered. Leases make a redelivery start the stage at most once.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
-        # One reserved message per execution slot: a slow model must not hoard messages.
+        # One reserved message per execution slot: a slow model must not hoard messages,
+        # and a worker picks its next message by lane priority when a slot frees up.
         worker_prefetch_multiplier=1,
-        # Redis redelivers an unacked message after this long: above the longest stage. A
-        # dead worker's stage is picked up sooner by the reconciler (heartbeats stop).
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
         broker_transport_options={
+            # Redis redelivers an unacked message after this long: above the longest stage
+            # (TANDEM_STAGE_TIMEOUT_S). A dead worker's stage is re-granted sooner by the
+            # reconciler (its heartbeats stop).
             "visibility_timeout": settings.visibility_timeout_s,
+            # A worker's -Q lists a role's lanes highest first; take from a lane only when
+            # the ones before it are empty (services/queues.py).
+            "queue_order_strategy": "priority",
             "socket_timeout": 5,
             "socket_connect_timeout": 3,
         },

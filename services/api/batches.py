@@ -20,7 +20,7 @@ from services.api.auth import authenticate
 from services.api.docs import ERRORS, IDEMPOTENCY_KEY, add_paths
 from services.api.jobs import idempotency_key
 from services.api.problems import Problem
-from services.core.params import InvalidRequest
+from services.core.requests import InvalidRequest
 from services.storage.db import in_transaction, transaction
 from services.storage.models import BATCH_STATUSES, Batch
 

@@ -9,7 +9,9 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify
 
-from services.core.params import MAX_STAGES, STRATEGIES, JobRequest
+from services.core.params import MAX_STAGES
+from services.core.requests import JobRequest
+from services.core.strategies import STRATEGIES
 
 bp = Blueprint("docs", __name__)
 

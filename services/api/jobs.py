@@ -18,7 +18,7 @@ from services.api.auth import authenticate
 from services.api.limits import check_active_quota
 from services.api.problems import Problem
 from services.core.cost import totals
-from services.core.params import InvalidRequest, parse_job_request
+from services.core.requests import InvalidRequest, parse_job_request
 from services.storage import repository
 from services.storage.db import in_transaction, transaction
 from services.storage.models import JOB_STATUSES, Job

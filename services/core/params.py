@@ -1,27 +1,18 @@
-"""A job's request: question, strategy name and parameters, validated in one place.
-
-The CLI, the REST API and batch lines all build a `JobRequest`, so they accept and reject
-exactly the same things with the same messages.
-"""
+"""A job's parameters (budgets, operating point, sampling, per-strategy knobs), validated
+in one place. `services.core.requests` wraps them with the question and the strategy name
+into the `JobRequest` that the CLI, the REST API and batch lines all build."""
 
 from __future__ import annotations
 
 import itertools
-import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from services.core.sufficiency import PRESETS
 
 MAX_STAGES = 8
 MAX_TOKENS_LIMIT = 32768
-STRATEGIES = ("tandem", "llm_only", "slm_only", "fixed:N", "scot", "relay")
-_FIXED = re.compile(r"^fixed:(\d{1,6})$")
-
-
-class InvalidRequest(ValueError):
-    """A request a client can fix: the message says what was wrong."""
 
 
 TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
@@ -63,66 +54,4 @@ class JobParams(BaseModel):
         return budgets
 
 
-class JobRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    question: str
-    strategy: str = "tandem"
-    params: JobParams = JobParams()
-
-    @field_validator("question")
-    @classmethod
-    def _question_not_blank(cls, question: str) -> str:
-        if not question.strip():
-            raise ValueError("question is empty")
-        return question
-
-    @field_validator("strategy")
-    @classmethod
-    def _known_strategy(cls, strategy: str) -> str:
-        if (strategy in STRATEGIES and strategy != "fixed:N") or _FIXED.match(strategy):
-            return strategy
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
-
-
-def fixed_budget(strategy: str) -> int | None:
-    match = _FIXED.match(strategy)
-    return int(match.group(1)) if match else None
-
-
-def parse_job_request(data: object, max_question_chars: int) -> JobRequest:
-    """Validate raw input (a dict from JSON or the CLI) into a JobRequest, or raise
-    InvalidRequest with a message naming every problem."""
-    if not isinstance(data, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        request = JobRequest.model_validate(data)
-    except ValidationError as error:
-        raise InvalidRequest(describe_validation_error(error)) from None
-    if len(request.question) > max_question_chars:
-        raise InvalidRequest(
-            f"question is {len(request.question)} characters; the limit is {max_question_chars}"
-        )
-    return request
-
-
-def describe_validation_error(error: ValidationError) -> str:
-    problems = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "body"
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = "unknown field"
-        problems.append(f"{where}: {message}")
-    return "; ".join(problems)
-
-
-__all__ = [
-    "PRESETS",
-    "STRATEGIES",
-    "InvalidRequest",
-    "JobParams",
-    "JobRequest",
-    "fixed_budget",
-    "parse_job_request",
-]
+__all__ = ["MAX_STAGES", "MAX_TOKENS_LIMIT", "PRESETS", "JobParams"]

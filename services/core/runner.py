@@ -10,7 +10,7 @@ from typing import Any
 from services.core.cost import CostTotals, totals
 from services.core.engines import Engines
 from services.core.execution import execute_group
-from services.core.params import JobRequest
+from services.core.requests import JobRequest
 from services.core.steps import Outcome, StageRecord
 from services.core.strategies import program_for
 from services.core.workflow import Finished, advance

@@ -14,13 +14,6 @@ from services.core.prompts import Messages
 
 Role = Literal["coordinator", "executor", "classifier"]
 
-# Which Celery queue runs each role's steps (the roles map one to one onto queues).
-QUEUE_OF_ROLE: dict[str, str] = {
-    "coordinator": "coordinator",
-    "executor": "executor",
-    "classifier": "classifier",
-}
-
 
 @dataclass(frozen=True)
 class Generate:

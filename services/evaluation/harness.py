@@ -23,7 +23,8 @@ from typing import Any, Protocol
 from services import jsonl
 from services.client import APIError, TandemClient
 from services.core.answers import is_correct, reference_answer
-from services.core.params import PRESETS, InvalidRequest, parse_job_request
+from services.core.params import PRESETS
+from services.core.requests import InvalidRequest, parse_job_request
 
 RESULTS_FILE = "results.jsonl"
 _VALIDATION_QUESTION = "1 + 1 = ?"

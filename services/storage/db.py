@@ -10,8 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 T = TypeVar("T")
@@ -74,6 +74,33 @@ def transaction(url: str) -> Iterator[Session]:
     """A session whose work commits at the end of the block, or rolls back on error."""
     with session_factory(url).begin() as session:
         yield session
+
+
+@contextmanager
+def soft_transaction(url: str) -> Iterator[Session]:
+    """A transaction whose commit does not wait for the WAL to reach disk (Postgres
+    `synchronous_commit = off`): for lease starts and heartbeats, which a Postgres crash may
+    roll back without harm (the lease is then started again). Stage records and job
+    outcomes always commit durably (`transaction`)."""
+    with transaction(url) as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SET LOCAL synchronous_commit = off"))
+        yield session
+
+
+def add_unless_taken(session: Session, row: object, taken: Callable[[], T | None]) -> T | None:
+    """Insert `row` (in a savepoint); None once it is in. If a racing request took its
+    idempotency key first, what `taken()` finds instead."""
+    try:
+        with session.begin_nested():
+            session.add(row)
+            session.flush()
+    except IntegrityError:
+        earlier = taken()
+        if earlier is None:
+            raise
+        return earlier
+    return None
 
 
 # SQLSTATEs of a transaction Postgres aborted only because of a concurrent one: deadlock

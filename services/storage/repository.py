@@ -12,7 +12,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.core.params import JobParams, JobRequest
+from services.core.params import JobParams
+from services.core.requests import JobRequest
 from services.core.steps import Outcome, StageRecord
 from services.storage.models import Job, Stage, utcnow
 

@@ -29,7 +29,6 @@ from services.core.answers import extract_answer
 from services.core.params import JobParams
 from services.core.prompts import solver_messages
 from services.core.steps import Generate, Outcome, StageRecord
-from services.core.strategies import register
 from services.core.workflow import Program
 
 CALL_CLOSE = "</call>"
@@ -165,5 +164,3 @@ def without_commands(text: str) -> str:
     """The solution as the large model and the reader see it: every command removed."""
     return _CUT_COMMAND.sub("", _COMMAND.sub("", text))
 
-
-register("relay", relay)

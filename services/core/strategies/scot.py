@@ -25,7 +25,6 @@ from services.core.answers import extract_answer
 from services.core.params import JobParams
 from services.core.prompts import selection_messages, solver_messages
 from services.core.steps import Generate, Outcome, StageRecord
-from services.core.strategies import register
 from services.core.workflow import Program
 
 DRAFT_TEMPERATURE = 0.6  # the paper's drafting temperature, whatever the job's
@@ -160,5 +159,3 @@ def draft_prefix(draft: StageRecord) -> str:
         return f"{draft.text.rstrip()}\n{END_OF_THINKING}\n\n"
     return draft.text
 
-
-register("scot", scot)

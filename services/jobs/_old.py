@@ -53,7 +53,8 @@ from services.broker import Broker
 from services.core.backends.base import BackendError, TransientBackendError
 from services.core.engines import Engines
 from services.core.execution import execute
-from services.core.params import JobParams, JobRequest
+from services.core.params import JobParams
+from services.core.requests import JobRequest
 from services.core.steps import QUEUE_OF_ROLE, StageRecord, Step, step_from_json, step_to_json
 from services.core.strategies import program_for
 from services.core.workflow import Finished, Pending, ReplayMismatch, advance

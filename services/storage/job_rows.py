@@ -1,0 +1,190 @@
+"""Job rows in Postgres: creating them, reading them, and every change of a job's status.
+
+A job's status changes only through the `mark_*` functions below, whichever path gets
+there (a stage's worker, the reconciler, a cancel, the embedded recorder). Each is one
+UPDATE that touches an unfinished job only, so a final status is never overwritten and
+two paths racing to end a job leave exactly one ending.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, selectinload
+
+from services.core.params import JobParams
+from services.core.requests import JobRequest
+from services.core.steps import Outcome
+from services.storage.models import Batch, Job
+from services.storage.statuses import ACTIVE_JOB_STATUSES, JobStatus
+
+JOBS = Job.__table__
+ID_MAX = 40  # no job id is longer (`job_` + 32 hex digits)
+
+
+def new_job(
+    owner: str,
+    request: JobRequest,
+    *,
+    idempotency_key: str | None = None,
+    batch_id: str | None = None,
+    line: int | None = None,
+    custom_id: str | None = None,
+    status: JobStatus = JobStatus.QUEUED,
+) -> Job:
+    return Job(
+        owner=owner,
+        strategy=request.strategy,
+        question=request.question,
+        params=stored_params(request.params),
+        status=status,
+        idempotency_key=idempotency_key,
+        batch_id=batch_id,
+        line=line,
+        custom_id=custom_id,
+    )
+
+
+def job_request(job: Job) -> JobRequest:
+    return request_of(job.question, job.strategy, job.params)
+
+
+def request_of(question: str, strategy: str, params: dict[str, Any] | None) -> JobRequest:
+    return JobRequest.model_validate(
+        {"question": question, "strategy": strategy, "params": params or {}}
+    )
+
+
+def stored_params(params: JobParams) -> dict[str, Any]:
+    """Params as a job row keeps them: only what differs from the defaults."""
+    return params.model_dump(mode="json", exclude_defaults=True)
+
+
+def lock(session: Session, job_id: str) -> Any | None:
+    """Lock a job's row (FOR UPDATE) and read what a stage transaction decides from, with
+    the database's clock (`now`, epoch seconds): one round trip. None for a missing job."""
+    columns = [JOBS.c[name] for name in _LOCKED_COLUMNS]
+    now = func.extract("epoch", func.clock_timestamp()).label("now")
+    query = select(*columns, now).where(JOBS.c.id == job_id).with_for_update()
+    return session.execute(query).first()
+
+
+_LOCKED_COLUMNS = (
+    "id",
+    "status",
+    "cancel_requested",
+    "leases",
+    "error",
+    "batch_id",
+    "question",
+    "strategy",
+    "params",
+)
+
+
+def db_now(session: Session) -> float:
+    """The database's clock, epoch seconds: the one clock for leases and deadlines."""
+    return float(session.scalar(select(func.extract("epoch", func.clock_timestamp()))))
+
+
+def by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+
+
+def owned(session: Session, job_id: str, owner: str, with_stages: bool = True) -> Job | None:
+    """The owner's job (None for a missing one or another owner's: they look the same)."""
+    if len(job_id) > ID_MAX or "\x00" in job_id:
+        return None
+    query = select(Job).where(Job.id == job_id, Job.owner == owner)
+    if with_stages:
+        query = query.options(selectinload(Job.stages))
+    return session.scalar(query)
+
+
+def count_active(session: Session, owner: str, at_most: int) -> int:
+    """The owner's unfinished jobs, counting no further than `at_most` (a bounded scan)."""
+    unfinished = (
+        select(Job.id)
+        .where(Job.owner == owner, Job.status.in_(ACTIVE_JOB_STATUSES))
+        .limit(at_most)
+        .subquery()
+    )
+    return session.scalar(select(func.count()).select_from(unfinished)) or 0
+
+
+def status_counts(session: Session, *where: Any) -> dict[str, int]:
+    """Jobs by status (every status present, zeros included) among those matching `where`."""
+    rows = session.execute(select(Job.status, func.count()).where(*where).group_by(Job.status))
+    counts = dict.fromkeys(JobStatus, 0)
+    counts.update({JobStatus(status): int(n) for status, n in rows})
+    return {str(status): n for status, n in counts.items()}
+
+
+def stale_ids(session: Session, deadline_s: float, limit: int) -> list[str]:
+    """Unfinished jobs with no progress (nor heartbeat) for `deadline_s` by the database's
+    clock, longest first. A batch's jobs past its feed cursor are not stale: they wait for
+    the batch feeder."""
+    cutoff = func.now() - timedelta(seconds=deadline_s)
+    unfed = select(Batch.id).where(Batch.id == Job.batch_id, Job.line > Batch.fed_through_line)
+    query = (
+        select(Job.id)
+        .where(Job.status.in_(ACTIVE_JOB_STATUSES), Job.updated_at < cutoff, ~unfed.exists())
+        .order_by(Job.updated_at)
+        .limit(limit)
+    )
+    return list(session.scalars(query))
+
+
+# --- status changes ---------------------------------------------------------------------
+
+
+def set_values(session: Session, job_id: str, **values: Any) -> None:
+    """Write columns of a job row (the caller holds its row lock and decided the change)."""
+    session.execute(update(JOBS).where(JOBS.c.id == job_id).values(**values))
+
+
+def mark_running(session: Session, job_id: str, **values: Any) -> bool:
+    """A queued job's first stage started (or a later one started again)."""
+    return _change(
+        session,
+        job_id,
+        status=JobStatus.RUNNING,
+        started_at=func.coalesce(JOBS.c.started_at, func.now()),
+        **values,
+    )
+
+
+def mark_succeeded(session: Session, job_id: str, outcome: Outcome, **values: Any) -> bool:
+    return _finish(
+        session,
+        job_id,
+        JobStatus.SUCCEEDED,
+        answer=outcome.answer,
+        final_text=outcome.final_text,
+        summary=outcome.summary,
+        **values,
+    )
+
+
+def mark_failed(session: Session, job_id: str, error: str, **values: Any) -> bool:
+    return _finish(session, job_id, JobStatus.FAILED, error=error, **values)
+
+
+def mark_cancelled(session: Session, job_id: str, **values: Any) -> bool:
+    return _finish(session, job_id, JobStatus.CANCELLED, cancel_requested=True, **values)
+
+
+def _finish(session: Session, job_id: str, status: JobStatus, **values: Any) -> bool:
+    return _change(session, job_id, status=status, finished_at=func.now(), leases={}, **values)
+
+
+def _change(session: Session, job_id: str, **values: Any) -> bool:
+    """Update an unfinished job; False if it was already final (or is missing)."""
+    statement = (
+        update(JOBS)
+        .where(JOBS.c.id == job_id, JOBS.c.status.in_(ACTIVE_JOB_STATUSES))
+        .values(updated_at=func.now(), **values)
+    )
+    return session.execute(statement).rowcount > 0
