@@ -245,14 +245,14 @@ def feed(interval: float, once: bool) -> None:
     from services import batches
     from services.broker import Broker
     from services.settings import get_settings
-    from workers.tasks import enqueue as publish
+    from workers.tasks import enqueue
 
     settings = get_settings()
     broker = Broker(settings.redis_url, cache_s=0)
     log = logging.getLogger("tandem.feeder")
     while True:
         try:
-            fed = batches.feed(settings, publish, lambda queue: broker.depths()[queue])
+            fed = batches.feed(settings, enqueue, broker.depth, broker.capacity)
             if once:
                 click.echo(f"fed {fed} job(s)")
                 return
@@ -350,8 +350,8 @@ def _run_lines(file, defaults, settings, engines, sink, done_ids, done_lines, co
 
 
 def _run_one(parsed, engines) -> dict[str, Any]:
-    from services.batches import COST_FIELDS
     from services.core.runner import run_job
+    from services.storage.costs import SUM_FIELDS as COST_FIELDS
 
     try:
         result = run_job(parsed.request, engines)

@@ -1,7 +1,11 @@
-"""What the API needs to know about the broker: is it up, and how deep are the queues.
+"""What the service needs to know of the broker besides sending messages: is it up, how
+deep is each queue, and how many stages the worker pools can run at once.
 
-Celery's Redis transport keeps each queue as a Redis list named after the queue, so the
-depth is one LLEN (the same number KEDA scales on)."""
+Celery's Redis transport keeps each queue as a Redis list named after the queue, so a
+queue's depth is one LLEN. Worker processes announce their capacity (their concurrency, per
+role) in keys that expire unless refreshed, so a pool's capacity is the sum over the live
+workers: the batch feeder sizes its shallow queues from it.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ import time
 
 import redis
 
-QUEUES = ("coordinator", "classifier", "executor")
-FLAG_TTL_S = 7 * 24 * 3600  # hand-off tokens and cancel flags: longer than any job waits
+from services.queues import ROLES, STAGE_QUEUES
+
+CAPACITY_TTL_S = 30  # a worker refreshes its key every third of this
 
 
 class BrokerUnavailable(RuntimeError):
@@ -36,9 +41,9 @@ class Broker:
                 return self._depths
         try:
             pipe = self._client.pipeline(transaction=False)
-            for queue in QUEUES:
+            for queue in STAGE_QUEUES:
                 pipe.llen(queue)
-            depths = dict(zip(QUEUES, (int(n) for n in pipe.execute()), strict=True))
+            depths = dict(zip(STAGE_QUEUES, (int(n) for n in pipe.execute()), strict=True))
         except redis.RedisError as error:
             with self._lock:
                 self._depths = None
@@ -47,22 +52,25 @@ class Broker:
             self._depths, self._checked_at = depths, now
         return depths
 
-    def take_handoff(self, token: str, job_id: str, batch_id: str | None) -> bool:
-        """True for the first delivery of a handed-off stage whose job (and batch) nobody
-        cancelled since; False for a redelivery or a cancelled job. Raises RedisError."""
-        pipe = self._client.pipeline(transaction=False)
-        pipe.set(f"tandem:handoff:{token}", 1, nx=True, ex=FLAG_TTL_S)
-        pipe.exists(f"tandem:cancelled:{job_id}", f"tandem:cancelled-batch:{batch_id}")
-        first, cancelled = pipe.execute()
-        return bool(first) and not cancelled
+    def depth(self, queue: str) -> int:
+        """Messages waiting in one queue (from the cached `depths`)."""
+        return self.depths()[queue]
 
-    def flag_cancelled(self, job_id: str | None = None, batch_id: str | None = None) -> None:
-        """Tell handed-off stages not yet started that their job (or batch) is cancelled,
-        so they stop at this stage boundary instead of the next. Raises RedisError."""
-        if job_id:
-            self._client.set(f"tandem:cancelled:{job_id}", 1, ex=FLAG_TTL_S)
-        if batch_id:
-            self._client.set(f"tandem:cancelled-batch:{batch_id}", 1, ex=FLAG_TTL_S)
+    def announce_capacity(self, worker: str, role: str, slots: int) -> None:
+        """This worker can run `slots` stages of `role` at once (for CAPACITY_TTL_S)."""
+        self._client.set(f"tandem:capacity:{role}:{worker}", slots, ex=CAPACITY_TTL_S)
+
+    def capacity(self) -> dict[str, int]:
+        """Stages each role's live workers can run at once (0: none announced)."""
+        totals = dict.fromkeys(ROLES, 0)
+        try:
+            for role in ROLES:
+                keys = list(self._client.scan_iter(f"tandem:capacity:{role}:*", count=500))
+                values = self._client.mget(keys) if keys else []
+                totals[role] = sum(int(value) for value in values if value is not None)
+        except redis.RedisError as error:
+            raise BrokerUnavailable(f"broker unreachable: {error}") from None
+        return totals
 
     def ping(self) -> None:
         try:

@@ -147,18 +147,15 @@ def _redact(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def register_optional_commands() -> None:
-    """Command groups that live beside their adapters (API, classifier, batches, eval)."""
-    from services.optional import present
+def register_commands() -> None:
+    """The command groups that live beside their adapters, registered in plain sight."""
+    from services import batch_cli, classifier_cli
+    from services.api import commands as service_commands
+    from services.evaluation import cli as eval_cli
+    from services.grading import cli as grading_cli
 
-    for module in present(
-        "services.api.commands",
-        "services.classifier_cli",
-        "services.batch_cli",
-        "services.evaluation.cli",
-        "services.grading.cli",
-    ):
+    for module in (service_commands, classifier_cli, batch_cli, eval_cli, grading_cli):
         module.register(cli)
 
 
-register_optional_commands()
+register_commands()

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from services.core.requests import JobRequest
 from services.core.steps import Outcome, StageRecord
-from services.storage import repository
+from services.storage import job_rows, stage_rows
 from services.storage.db import transaction, upgrade
-from services.storage.models import Job, utcnow
+from services.storage.models import utcnow
+from services.storage.statuses import JobStatus
 
 EMBEDDED_OWNER = "local"
 _upgraded: set[str] = set()
@@ -24,7 +25,7 @@ class Recorder:
         ensure_schema(url)
         self.url = url
         with transaction(url) as session:
-            job = repository.new_job(owner, request, status="running")
+            job = job_rows.new_job(owner, request, status=JobStatus.RUNNING)
             job.started_at = utcnow()
             session.add(job)
             session.flush()
@@ -32,12 +33,12 @@ class Recorder:
 
     def stage(self, record: StageRecord) -> None:
         with transaction(self.url) as session:
-            repository.add_stage(session, self.job_id, record)
+            stage_rows.add_stage(session, self.job_id, record)
 
     def succeeded(self, outcome: Outcome) -> None:
         with transaction(self.url) as session:
-            repository.mark_succeeded(session.get_one(Job, self.job_id), outcome)
+            job_rows.mark_succeeded(session, self.job_id, outcome)
 
     def failed(self, error: str) -> None:
         with transaction(self.url) as session:
-            repository.mark_failed(session.get_one(Job, self.job_id), error)
+            job_rows.mark_failed(session, self.job_id, error)

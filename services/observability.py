@@ -49,6 +49,36 @@ HTTP_SECONDS = Histogram(
 )
 
 
+class QueueDepths:
+    """tandem_queue_depth{queue}: messages waiting in every stage queue (every lane), read
+    from Redis at scrape time. Served by the reconciler (KEDA scales each pool on waiting
+    plus in-flight work); the API serves the same gauge from its own collector."""
+
+    def __init__(self, broker) -> None:
+        self.broker = broker
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(
+            "tandem_queue_depth", "Messages waiting per queue", labels=["queue"]
+        )
+        try:
+            for queue, count in self.broker.depths().items():
+                family.add_metric([queue], count)
+        except Exception:  # a scrape must not fail because Redis blinked
+            pass
+        yield family
+
+
+def serve_queue_depths(broker, port: int) -> None:
+    """This process's /metrics on `port`, with the queue depths."""
+    from prometheus_client import REGISTRY, start_http_server
+
+    REGISTRY.register(QueueDepths(broker))
+    start_http_server(port)
+
+
 def observe_stage(record: StageRecord) -> None:
     STAGE_SECONDS.labels(record.kind, record.model).observe(record.latency_s)
     TOKENS.labels(record.model, "prompt").inc(record.prompt_tokens)

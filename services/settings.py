@@ -141,6 +141,12 @@ class Settings(BaseSettings):
     api_threads: int = Field(default=16, ge=1)
     max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
     max_queue_depth: int = Field(default=100_000, ge=1)  # backpressure: 429 above this
+    # Batch feeder: a role's batch lanes hold about this many messages per stage its workers
+    # can run at once (their announced capacity), and at least feed_min_depth.
+    feed_depth_factor: float = Field(default=2.0, gt=0, le=100)
+    feed_min_depth: int = Field(default=16, ge=1)
+    feed_interval_s: float = Field(default=0.5, gt=0)  # between feeder passes
+    max_batch_lines_per_owner: int = Field(default=1_000_000, ge=0)  # unfinished; 0: off
     rate_limit_per_minute: int = Field(default=6000, ge=0)  # per key; 0: off
     max_active_jobs: int = Field(default=10_000, ge=0)  # unfinished single jobs per key; 0: off
 

@@ -190,8 +190,10 @@ def end_unfinished_work(database_url: str, redis_url: str | None) -> None:
         )
     engine.dispose()
     if redis_url:
+        from services.queues import STAGE_QUEUES
+
         client = redis.Redis.from_url(redis_url)
-        client.delete("coordinator", "classifier", "executor")
+        client.delete(*STAGE_QUEUES)
         client.close()
 
 

@@ -373,7 +373,7 @@ def _finish(database_url: str, batch_id: str, lines: dict[int, str]) -> None:
     from sqlalchemy import select
 
     from services.core.steps import Outcome, StageRecord
-    from services.storage import repository
+    from services.storage import job_rows, stage_rows
     from services.storage.db import transaction
     from services.storage.models import Job
 
@@ -395,11 +395,11 @@ def _finish(database_url: str, batch_id: str, lines: dict[int, str]) -> None:
                 generated_tokens=2,
                 tflops=0.5,
             )
-            repository.add_stage(session, job.id, record)
+            stage_rows.add_stage(session, job.id, record)
             if status == "succeeded":
-                repository.mark_succeeded(job, Outcome(answer="7", final_text="7", summary={}))
+                job_rows.mark_succeeded(session, job.id, Outcome(answer="7", final_text="7", summary={}))
             else:
-                repository.mark_failed(job, "model fell over")
+                job_rows.mark_failed(session, job.id, "model fell over")
 
 
 def test_completion_freezes_counts_and_cost(
@@ -493,8 +493,8 @@ def test_backpressure_429_and_broker_down_503(in_process_settings, api_key: str)
     problem(upload(app.test_client(), api_key, jsonl(line("a"))), 503, "unavailable")
 
 
-def test_feeder_fills_half_the_queue_and_the_reconciler_waits_for_it(
-    client: FlaskClient, api_key: str, in_process_settings, recorder: Recorder
+def test_the_feeder_keeps_batch_lanes_shallow_and_the_reconciler_waits_for_it(
+    client: FlaskClient, api_key: str, in_process_settings, recorder: Recorder, monkeypatch
 ) -> None:
     from sqlalchemy import select, update
 
@@ -503,55 +503,53 @@ def test_feeder_fills_half_the_queue_and_the_reconciler_waits_for_it(
     from services.storage.db import transaction
     from services.storage.models import Batch, Job
 
+    from tests import infra
+
     url = in_process_settings.database_url
-    settings = in_process_settings.model_copy(update={"max_queue_depth": 8})
-    tight = {"value": 10**9}  # the queues look full: the API's feeder thread feeds nothing
-    batch = _upload_unfed(client, api_key, 10)
+    infra.end_unfinished_work(url, None)  # this owner's earlier batches would be fed first
+    settings = in_process_settings.model_copy(update={"feed_min_depth": 4})
+    batch = _upload_unfed(client, api_key, 10, monkeypatch)
     with transaction(url) as session:  # long-forgotten jobs: the reconciler would want them
         session.execute(update(Job).where(Job.batch_id == batch).values(updated_at=_ago(3600)))
     fed: list = []
-    reconcile(settings, fed.extend, 1.0, lambda queue: tight["value"])
+    reconcile(settings, fed.extend, 1.0, lambda queue: 10**9)  # full lanes: nothing fed
     with transaction(url) as session:
         mine = set(session.scalars(select(Job.id).where(Job.batch_id == batch)))
     assert not mine & {task.job_id for task in fed}  # unfed jobs wait for the feeder
     fed.clear()
-    depth = {"executor": 0}
+    depth: dict[str, int] = {}
 
-    def enqueue(tasks) -> None:  # what Redis would do: the queue grows
+    def enqueue(tasks) -> None:  # what Redis would do: the lists grow
         fed.extend(tasks)
-        depth["executor"] += len(tasks)
+        for task in tasks:
+            depth[task.queue] = depth.get(task.queue, 0) + 1
 
-    fed_count = batches.feed(settings, enqueue, lambda queue: depth.get(queue, 0))
-    assert fed_count == 4  # half of max_queue_depth
-    assert [task.seq for task in fed] == [0] * 4
+    def waiting(queue: str) -> int:
+        return depth.get(queue, 0)
+
+    assert batches.feed(settings, enqueue, waiting) == 4  # no capacity known: the minimum
+    assert {(task.seq, task.queue) for task in fed} == {(0, "classifier.batch-new")}
     with transaction(url) as session:
         assert session.get_one(Batch, batch).fed_through_line == 4
         lines = session.scalars(
             select(Job.line).where(Job.id.in_([t.job_id for t in fed])).order_by(Job.line)
         )
         assert list(lines) == [1, 2, 3, 4]
-    depth["executor"] = 3  # the workers took one
-    batches.feed(settings, enqueue, lambda queue: depth.get(queue, 0))
-    assert len(fed) == 5
-    depth["executor"] = 0
-    batches.feed(settings, enqueue, lambda queue: depth.get(queue, 0))
-    assert len(fed) == 9
-    batches.feed(settings, enqueue, lambda queue: 0)
+    # Workers announce 3 classifier slots: the lanes may hold twice that (factor 2).
+    assert batches.feed(settings, enqueue, waiting, lambda: {"classifier": 3}) == 2
+    depth.clear()  # the workers took them all
+    batches.feed(settings, enqueue, waiting, lambda: {"classifier": 3})
     assert len(fed) == 10 and len({task.job_id for task in fed}) == 10
     del recorder
 
 
-def _upload_unfed(client: FlaskClient, key: str, n: int) -> str:
-    """Upload while the feeder sees full queues, so nothing is fed yet."""
+def _upload_unfed(client: FlaskClient, key: str, n: int, monkeypatch) -> str:
+    """Upload without the API's feeding pass, so nothing is fed yet."""
     from services.api import batches as api_batches
 
-    original = api_batches.batches.feed_target
-    api_batches.batches.feed_target = lambda settings: 0  # type: ignore[assignment]
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(api_batches, "start_feeding", lambda app: None)
         response = upload(client, key, jsonl(*[line(str(i)) for i in range(n)]))
-        time.sleep(0.3)
-    finally:
-        api_batches.batches.feed_target = original  # type: ignore[assignment]
     assert response.status_code == 202
     return response.get_json()["id"]
 

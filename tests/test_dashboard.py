@@ -46,21 +46,21 @@ TANDEM_STAGES = [
 def add_job(url: str, owner: str, strategy: str, status: str, stages=(), **job: Any) -> str:
     from services.core.requests import parse_job_request
     from services.core.steps import Outcome
-    from services.storage import repository
+    from services.storage import job_rows, stage_rows
     from services.storage.db import transaction
 
     request = parse_job_request({"question": job.pop("question", QUESTION),
                                  "strategy": strategy}, 8000)  # fmt: skip
     with transaction(url) as session:
-        row = repository.new_job(owner, request, status="running", **job)
+        row = job_rows.new_job(owner, request, status="running", **job)
         session.add(row)
         session.flush()
         for seq, (kind, tokens, output) in enumerate(stages):
-            repository.add_stage(session, row.id, stage(seq, kind, tokens, **output))
+            stage_rows.add_stage(session, row.id, stage(seq, kind, tokens, **output))
         if status == "succeeded":
             tandem = strategy == "tandem"
             summary = {"stopped_at_stage": 1, "coordinator_tokens": 64} if tandem else {}
-            repository.mark_succeeded(row, Outcome("7", "\\boxed{7}", summary))
+            job_rows.mark_succeeded(session, row.id, Outcome("7", "\\boxed{7}", summary))
         row.status = status
         return row.id
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from celery import Celery, signals
 from kombu import Queue
@@ -73,3 +74,30 @@ def _worker_started(**_kwargs) -> None:
         os._exit(78)  # EX_CONFIG; a signal handler cannot stop Celery's start otherwise
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
+
+
+@signals.worker_ready.connect
+def _announce_capacity(sender=None, **_kwargs) -> None:
+    """Tell the batch feeder how many stages of each role this worker runs at once, for as
+    long as it lives (a key that expires unless refreshed). `sender` is the consumer."""
+    import contextlib
+    import threading
+
+    from services.broker import CAPACITY_TTL_S, Broker
+    from services.queues import ROLES
+
+    consumed = sender.app.amqp.queues.consume_from or {}
+    roles = sorted({name.split(".", 1)[0] for name in consumed} & set(ROLES))
+    slots = getattr(getattr(sender, "controller", None), "concurrency", None)
+    slots = int(slots or get_settings().worker_concurrency)
+    worker = str(getattr(sender, "hostname", None) or f"worker-{os.getpid()}")
+    broker = Broker(get_settings().redis_url)
+
+    def announce() -> None:
+        while True:
+            for role in roles:
+                with contextlib.suppress(Exception):  # Redis away: the feeder's minimum depth
+                    broker.announce_capacity(worker, role, slots)
+            time.sleep(CAPACITY_TTL_S / 3)
+
+    threading.Thread(target=announce, name="announce-capacity", daemon=True).start()

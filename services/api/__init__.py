@@ -1,4 +1,12 @@
-"""The REST API: a Flask app factory with one blueprint per resource."""
+"""The REST API: a Flask app factory; every blueprint is registered here, in plain sight.
+
+    health      /healthz, /readyz
+    jobs        /v1/jobs
+    batches     /v1/batches
+    dashboard   /dashboard and /v1/dashboard
+    metrics     /metrics, and request timing for every route
+    docs        /openapi.json and /docs
+"""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ def create_app(
     settings: Settings | None = None,
     enqueue: Callable[[Sequence], None] | None = None,
 ) -> Flask:
-    from services.api import docs, health, jobs, problems
+    from services.api import batches, dashboard, docs, health, jobs, metrics, problems
     from services.api.admission import Admission
     from services.api.auth import KeyCache
     from services.api.limits import RateLimiter
@@ -33,15 +41,8 @@ def create_app(
         Broker(settings.redis_url), settings.max_queue_depth
     )
     problems.install(app)
-    for blueprint in (health.bp, jobs.bp, docs.bp):
+    metrics.init_app(app)
+    batches.init_app(app)
+    for blueprint in (health.bp, jobs.bp, batches.bp, dashboard.page, dashboard.api, docs.bp):
         app.register_blueprint(blueprint)
-    _register_optional(app)
     return app
-
-
-def _register_optional(app: Flask) -> None:
-    """Blueprints that live in their own modules (batches, dashboard, metrics)."""
-    from services.optional import present
-
-    for module in present("services.api.batches", "services.api.dashboard", "services.api.metrics"):
-        module.init_app(app)

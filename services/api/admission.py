@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import redis
-from flask import current_app
-
 from services.api.problems import Problem
 from services.broker import Broker, BrokerUnavailable
 
@@ -36,12 +33,3 @@ class Admission:
                 "retry later",
                 headers={"Retry-After": "10"},
             )
-
-
-def flag_cancelled(job_id: str | None = None, batch_id: str | None = None) -> None:
-    """After a cancel committed: let handed-off stages not yet started see it. Best effort:
-    without the flag such a stage runs, and the job stops at the boundary after it."""
-    try:
-        current_app.extensions["tandem.admission"].broker.flag_cancelled(job_id, batch_id)
-    except redis.RedisError as error:
-        log.warning("cancel flag not set (%s): %s", job_id or batch_id, error)

@@ -15,14 +15,16 @@ from sqlalchemy.orm import Session
 
 from services import batches
 from services.api import pages
-from services.api.admission import flag_cancelled
 from services.api.auth import authenticate
 from services.api.docs import ERRORS, IDEMPOTENCY_KEY, add_paths
+from services.api.formats import iso
 from services.api.jobs import idempotency_key
 from services.api.problems import Problem
 from services.core.requests import InvalidRequest
+from services.storage import batch_rows
 from services.storage.db import in_transaction, transaction
-from services.storage.models import BATCH_STATUSES, Batch
+from services.storage.models import Batch
+from services.storage.statuses import ACTIVE_BATCH_STATUSES, BatchStatus
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 log = logging.getLogger("tandem.api.batches")
@@ -34,33 +36,28 @@ RESULTS_FLUSH_BYTES = 64 * 1024
 
 def init_app(app: Flask) -> None:
     app.config.setdefault("TANDEM_BATCH_LIMITS", batches.Limits())
-    app.register_blueprint(bp)
 
 
 def settings():
     return current_app.config["TANDEM"]
 
 
-def start_feeding(app: Flask, batch_id: str) -> threading.Thread:
-    """Feed a new batch from this process at once (until the queues are full); the
-    reconciler's feeder tops it up from there."""
+def start_feeding(app: Flask) -> threading.Thread:
+    """Run a feeder pass from this process now, so a new batch's first jobs need not wait
+    for the reconciler's; it feeds every owner's batches in turn, like any pass."""
     from services.broker import Broker
 
     config = app.config["TANDEM"]
     enqueue = app.extensions["tandem.enqueue"]
     broker = Broker(config.redis_url, cache_s=0)
-    target = batches.feed_target(config)
-
-    def room() -> int:
-        return target - max(broker.depths().values(), default=0)
 
     def run() -> None:
         try:
-            batches.feed_batch(config.database_url, batch_id, enqueue, room, budget_s=600)
+            batches.feed(config, enqueue, broker.depth, broker.capacity)
         except Exception as error:  # the reconciler's feeder will carry on
-            log.warning("feeding batch %s stopped: %s", batch_id, error)
+            log.warning("feeding after an upload stopped: %s", error)
 
-    thread = threading.Thread(target=run, name=f"feed-{batch_id}", daemon=True)
+    thread = threading.Thread(target=run, name="feed-after-upload", daemon=True)
     thread.start()
     return thread
 
@@ -91,10 +88,10 @@ def batch_json(batch: Batch, progress: batches.Progress | None) -> dict[str, Any
         "failure": (batch.metadata_ or {}).get("failure"),
         "errors": errors[:ERRORS_SHOWN],
         "errors_truncated": len(errors) > ERRORS_SHOWN,
-        "created_at": _iso(batch.created_at),
-        "started_at": _iso(batch.started_at),
-        "finished_at": _iso(batch.finished_at),
-        "cancelled_at": _iso(batch.cancelled_at),
+        "created_at": iso(batch.created_at),
+        "started_at": iso(batch.started_at),
+        "finished_at": iso(batch.finished_at),
+        "cancelled_at": iso(batch.cancelled_at),
         "status_url": url_for("batches.get_batch", batch_id=batch.id),
         "results_url": url_for("batches.batch_results", batch_id=batch.id),
     }
@@ -113,13 +110,9 @@ def _request_counts(batch: Batch, counts: dict[str, int] | None) -> dict[str, in
     }
 
 
-def _iso(moment) -> str | None:
-    return moment.isoformat() if moment else None
-
-
 def owned(session: Session, batch_id: str, owner: str, lock: bool = False) -> Batch:
     """The owner's batch, or 404 (another owner's batch looks exactly like a missing one)."""
-    batch = batches.owned_batch(session, batch_id, owner, lock=lock)
+    batch = batch_rows.owned(session, batch_id, owner, lock=lock)
     if batch is None:
         raise Problem(404, f"no batch {batch_id[:40]}")
     return batch
@@ -133,7 +126,7 @@ def view(batch_id: str, owner: str) -> dict[str, Any]:
         progress = batches.progress(session, batch)
         body = batch_json(batch, progress)
     pending = progress.counts["queued"] + progress.counts["running"]
-    if batch.status in batches.ACTIVE and pending == 0 and batches.finalize_if_done(url, batch.id):
+    if batch.status in ACTIVE_BATCH_STATUSES and pending == 0 and batches.finalize_if_done(url, batch.id):
         with transaction(url) as session:
             batch = owned(session, batch_id, owner)
             body = batch_json(batch, batches.progress(session, batch))
@@ -177,7 +170,7 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
     if not created:
         _discard(request.stream)  # type: ignore[arg-type]
         return _replayed(batch, owner)
-    start_feeding(current_app._get_current_object(), batch.id)  # type: ignore[attr-defined]
+    start_feeding(current_app._get_current_object())  # type: ignore[attr-defined]
     body = batch_json(batch, None)
     return jsonify(body), 202, {"Location": body["status_url"]}
 
@@ -191,7 +184,7 @@ def _discard(stream: BinaryIO) -> None:
 def _replayed(batch: Batch, owner: str) -> tuple[Response, int, dict[str, str]]:
     """An upload repeated with its Idempotency-Key: the first upload's batch, as it is now.
     The repeat's body is drained unparsed, so it is not checked against the first."""
-    if batch.status == "validating":
+    if batch.status == BatchStatus.VALIDATING:
         raise Problem(
             409,
             f"an upload with this Idempotency-Key (batch {batch.id}) is still being read; "
@@ -227,8 +220,8 @@ def list_batches() -> Response:
     pages.check_query(args, ("status", "limit", "cursor"))
     query = select(Batch).where(Batch.owner == owner)
     if status := args.get("status"):
-        if status not in BATCH_STATUSES:
-            raise Problem(400, f"status must be one of {', '.join(BATCH_STATUSES)}")
+        if status not in set(BatchStatus):
+            raise Problem(400, f"status must be one of {', '.join(BatchStatus)}")
         query = query.where(Batch.status == status)
     with transaction(settings().database_url) as session:
         page = pages.newest_first(
@@ -279,12 +272,11 @@ def cancel_batch(batch_id: str) -> Response:
 
     def cancel(session: Session) -> None:
         batch = owned(session, batch_id, owner, lock=True)
-        if batch.status == "validating":
+        if batch.status == BatchStatus.VALIDATING:
             raise Problem(409, "the batch is still being uploaded; cancel it once it is accepted")
         batches.cancel(session, batch)
 
     in_transaction(url, cancel)  # the UPDATE of many jobs can lose a deadlock: run it again
-    flag_cancelled(batch_id=batch_id[:40])
     return jsonify(view(batch_id, owner))
 
 
@@ -309,7 +301,7 @@ _SCHEMA = {
     "properties": {
         "id": {"type": "string"},
         "object": {"type": "string", "enum": ["batch"]},
-        "status": {"type": "string", "enum": list(BATCH_STATUSES)},
+        "status": {"type": "string", "enum": list(BatchStatus)},
         "lines": {"type": "object"},
         "request_counts": {"type": "object", "nullable": True},
         "counts": {"type": "object", "nullable": True},

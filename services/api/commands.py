@@ -71,7 +71,10 @@ def keys_create(owner: str) -> None:
     click.echo(key)
 
 
-@click.command(help="Re-enqueue jobs that made no progress within the stage deadline.")
+@click.command(
+    help="The reconciler: feed batches every TANDEM_FEED_INTERVAL_S, and re-send what was "
+    "lost (jobs with no progress within the stage deadline) every --interval seconds."
+)
 @click.option(
     "--interval", type=float, default=30.0, show_default=True, help="Seconds between passes"
 )
@@ -80,28 +83,32 @@ def keys_create(owner: str) -> None:
 )
 @click.option("--once", is_flag=True, help="One pass, then exit")
 def reconcile(interval: float, deadline: float | None, once: bool) -> None:
+    from services.batches import feed
     from services.broker import Broker
     from services.jobs import reconcile as reconcile_pass
-    from services.observability import setup_logging
+    from services.observability import serve_queue_depths, setup_logging
     from workers.tasks import enqueue
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
-    if settings.metrics_port and not once:  # tandem_reconciler_requeued_total lives here
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port)
     broker = Broker(settings.redis_url, cache_s=0)
+    if settings.metrics_port and not once:  # KEDA scales the pools on these gauges
+        serve_queue_depths(broker, settings.metrics_port)
+    log = logging.getLogger("tandem.reconciler")
+    depth = broker.depth
+    last_pass = float("-inf")
     while True:
         try:
-            count = reconcile_pass(
-                settings, enqueue, deadline, lambda queue: broker.depths()[queue]
-            )
-            if once:
-                click.echo(f"re-enqueued {count} job(s)")
-                return
+            if time.monotonic() - last_pass >= interval or once:
+                last_pass = time.monotonic()
+                count = reconcile_pass(settings, enqueue, deadline, depth, broker.capacity)
+                if once:
+                    click.echo(f"re-enqueued {count} job(s)")
+                    return
+            else:
+                feed(settings, enqueue, depth, broker.capacity, budget_s=settings.feed_interval_s)
         except Exception as error:  # keep the loop alive through a database or broker outage
             if once:
                 raise
-            logging.getLogger("tandem.reconciler").warning("pass failed: %s", error)
-        time.sleep(interval)
+            log.warning("pass failed: %s", error)
+        time.sleep(settings.feed_interval_s)

@@ -20,16 +20,21 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Flask, Response, current_app, jsonify, request, send_file
-from sqlalchemy import func, select
+from flask import Blueprint, Response, current_app, jsonify, request, send_file
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from services import batches
 from services.api.auth import authenticate
 from services.api.docs import ERRORS, add_paths
+from services.api.formats import iso
 from services.api.jobs import owned_job
 from services.api.problems import Problem
+from services.storage import costs, job_rows
+from services.storage.costs import StageSums
 from services.storage.db import transaction
-from services.storage.models import JOB_STATUSES, Batch, Job, Stage, utcnow
+from services.storage.models import Batch, Job, Stage, utcnow
+from services.storage.statuses import ACTIVE_JOB_STATUSES, JobStatus
 
 STATIC = Path(__file__).resolve().parent / "static" / "dashboard"
 LISTED = 20  # batches and jobs shown on the overview
@@ -43,11 +48,6 @@ page = Blueprint(
     "dashboard", __name__, static_folder=str(STATIC), static_url_path="/dashboard/static"
 )
 api = Blueprint("dashboard_api", __name__, url_prefix="/v1/dashboard")
-
-
-def init_app(app: Flask) -> None:
-    app.register_blueprint(page)
-    app.register_blueprint(api)
 
 
 def database_url() -> str:
@@ -93,105 +93,42 @@ def _hours(raw: str) -> int:
     return int(raw)
 
 
-def _stage_sums() -> tuple[Any, ...]:
-    return (
-        func.coalesce(func.sum(Stage.generated_tokens), 0),
-        func.coalesce(func.sum(Stage.tflops), 0.0),
-        func.coalesce(func.sum(Stage.prefill_tflops), 0.0),
-    )
-
-
-def _cost(row: Any) -> dict[str, Any]:
-    tokens, tflops, prefill = row
-    return {
-        "generated_tokens": int(tokens or 0),
-        "tflops": round(float(tflops or 0), 9),
-        "prefill_tflops": round(float(prefill or 0), 9),
-    }
-
-
 def job_totals(session: Session, owner: str, since: datetime) -> dict[str, Any]:
     in_window = (Job.owner == owner, Job.created_at >= since)
-    counts = dict.fromkeys(JOB_STATUSES, 0)
-    rows = session.execute(select(Job.status, func.count()).where(*in_window).group_by(Job.status))
-    counts.update({status: int(n) for status, n in rows})
-    cost = session.execute(
-        select(*_stage_sums()).join(Job, Job.id == Stage.job_id).where(*in_window)
-    ).one()
-    return {"counts": counts, "total": sum(counts.values()), **_cost(cost)}
+    counts = job_rows.status_counts(session, *in_window)
+    cost = costs.over_jobs(session, *in_window)
+    return {"counts": counts, "total": sum(counts.values()), **cost.to_dict()}
 
 
 def strategy_totals(session: Session, owner: str, since: datetime) -> list[dict[str, Any]]:
     """Per strategy, finished jobs in the window: how many, and mean TFLOPs per job."""
-    finished = select(Job.id, Job.strategy).where(
-        Job.owner == owner, Job.created_at >= since, Job.status == "succeeded"
-    )
-    finished = finished.subquery()
-    rows = session.execute(
-        select(finished.c.strategy, func.count(func.distinct(finished.c.id)), *_stage_sums())
-        .join(Stage, Stage.job_id == finished.c.id)
-        .group_by(finished.c.strategy)
-        .order_by(finished.c.strategy)
-    )
-    result = []
-    for strategy, jobs, *sums in rows:
-        cost = _cost(sums)
-        result.append(
-            {
-                "strategy": strategy,
-                "succeeded": int(jobs),
-                "mean_tflops": round(cost["tflops"] / jobs, 9) if jobs else 0.0,
-                "mean_generated_tokens": round(cost["generated_tokens"] / jobs, 2) if jobs else 0,
-            }
-        )
-    return result
+    succeeded = (Job.owner == owner, Job.created_at >= since, Job.status == JobStatus.SUCCEEDED)
+    return [
+        {
+            "strategy": strategy,
+            "succeeded": jobs,
+            "mean_tflops": round(cost.tflops / jobs, 9) if jobs else 0.0,
+            "mean_generated_tokens": round(cost.generated_tokens / jobs, 2) if jobs else 0,
+        }
+        for strategy, jobs, cost in costs.by_strategy(session, *succeeded)
+    ]
 
 
 def latest_batches(session: Session, owner: str) -> list[dict[str, Any]]:
-    batches = list(
-        session.scalars(
-            select(Batch)
-            .where(Batch.owner == owner)
-            .order_by(Batch.created_at.desc(), Batch.id.desc())
-            .limit(LISTED)
-        )
+    latest = session.scalars(
+        select(Batch)
+        .where(Batch.owner == owner)
+        .order_by(Batch.created_at.desc(), Batch.id.desc())
+        .limit(LISTED)
     )
-    ids = [batch.id for batch in batches]
-    counts = _batch_counts(session, ids)
-    costs = _batch_costs(session, ids)
-    return [_batch_entry(b, counts.get(b.id, {}), costs.get(b.id)) for b in batches]
+    return [_batch_entry(batch, batches.progress(session, batch)) for batch in latest]
 
 
-def _batch_counts(session: Session, ids: list[str]) -> dict[str, dict[str, int]]:
-    if not ids:
-        return {}
-    rows = session.execute(
-        select(Job.batch_id, Job.status, func.count())
-        .where(Job.batch_id.in_(ids))
-        .group_by(Job.batch_id, Job.status)
-    )
-    counts: dict[str, dict[str, int]] = {}
-    for batch_id, status, n in rows:
-        counts.setdefault(batch_id, {})[status] = int(n)
-    return counts
-
-
-def _batch_costs(session: Session, ids: list[str]) -> dict[str, dict[str, Any]]:
-    if not ids:
-        return {}
-    rows = session.execute(
-        select(Job.batch_id, *_stage_sums())
-        .join(Stage, Stage.job_id == Job.id)
-        .where(Job.batch_id.in_(ids))
-        .group_by(Job.batch_id)
-    )
-    return {batch_id: _cost(sums) for batch_id, *sums in rows}
-
-
-def _batch_entry(batch: Batch, counts: dict[str, int], cost: dict[str, Any] | None) -> dict:
-    full = {status: counts.get(status, 0) for status in JOB_STATUSES}
-    done = full["succeeded"] + full["failed"] + full["cancelled"]
-    total = max(batch.total_lines - batch.invalid_lines, sum(full.values()))
+def _batch_entry(batch: Batch, progress: batches.Progress) -> dict:
+    counts = progress.counts
+    done = counts["succeeded"] + counts["failed"] + counts["cancelled"]
+    jobs = sum(counts[status] for status in JobStatus)
+    total = max(batch.total_lines - batch.invalid_lines, jobs)
     return {
         "id": batch.id,
         "status": batch.status,
@@ -199,10 +136,10 @@ def _batch_entry(batch: Batch, counts: dict[str, int], cost: dict[str, Any] | No
         "total": total,
         "done": done,
         "progress": round(done / total, 4) if total else 0.0,
-        "counts": {**full, "invalid": batch.invalid_lines},
-        "cost": cost or _cost((0, 0.0, 0.0)),
-        "created_at": _iso(batch.created_at),
-        "finished_at": _iso(batch.finished_at),
+        "counts": counts,
+        "cost": progress.cost,
+        "created_at": iso(batch.created_at),
+        "finished_at": iso(batch.finished_at),
     }
 
 
@@ -215,20 +152,11 @@ def recent_jobs(session: Session, owner: str) -> list[dict[str, Any]]:
             .limit(LISTED)
         )
     )
-    costs = _job_costs(session, [job.id for job in jobs])
-    return [_job_entry(job, costs.get(job.id)) for job in jobs]
+    sums = costs.by_job(session, [job.id for job in jobs])
+    return [_job_entry(job, sums.get(job.id, StageSums())) for job in jobs]
 
 
-def _job_costs(session: Session, ids: list[str]) -> dict[str, dict[str, Any]]:
-    if not ids:
-        return {}
-    rows = session.execute(
-        select(Stage.job_id, *_stage_sums()).where(Stage.job_id.in_(ids)).group_by(Stage.job_id)
-    )
-    return {job_id: _cost(sums) for job_id, *sums in rows}
-
-
-def _job_entry(job: Job, cost: dict[str, Any] | None) -> dict[str, Any]:
+def _job_entry(job: Job, cost: StageSums) -> dict[str, Any]:
     summary = job.summary or {}
     return {
         "id": job.id,
@@ -238,17 +166,13 @@ def _job_entry(job: Job, cost: dict[str, Any] | None) -> dict[str, Any]:
         "answer": job.answer,
         "stopped_at_stage": summary.get("stopped_at_stage"),
         "batch_id": job.batch_id,
-        "created_at": _iso(job.created_at),
-        **(cost or _cost((0, 0.0, 0.0))),
+        "created_at": iso(job.created_at),
+        **cost.to_dict(),
     }
 
 
 def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
 
 
 # --- a job's stage timeline ---------------------------------------------------------------
@@ -271,8 +195,8 @@ def job_timeline(job_id: str) -> Response:
             "error": job.error,
             "params": job.params,
             "batch_id": job.batch_id,
-            "created_at": _iso(job.created_at),
-            "finished_at": _iso(job.finished_at),
+            "created_at": iso(job.created_at),
+            "finished_at": iso(job.finished_at),
             "stages": stages,
             "totals": {
                 "generated_tokens": sum(stage["generated_tokens"] for stage in stages),
@@ -339,7 +263,7 @@ def stop_reason(job: Job, stages: list[dict[str, Any]]) -> dict[str, Any]:
     elif any(s["kind"] == "executor" for s in stages):
         result["reason"] = "the executor answered without coordinator insights"
     else:
-        result["reason"] = "not decided yet" if job.status in ("queued", "running") else "n/a"
+        result["reason"] = "not decided yet" if job.status in ACTIVE_JOB_STATUSES else "n/a"
     return result
 
 
@@ -349,22 +273,10 @@ def coordinator_alone(session: Session, job: Job, tflops: float) -> dict[str, An
     llm_only mean, else unknown (and why)."""
     if job.strategy == "llm_only":
         return {"basis": "self", "explanation": "this job is the coordinator alone"}
-    measured = session.execute(
-        select(Job.id, func.coalesce(func.sum(Stage.tflops), 0.0))
-        .join(Stage, Stage.job_id == Job.id)
-        .where(
-            Job.owner == job.owner,
-            Job.strategy == "llm_only",
-            Job.status == "succeeded",
-            Job.question == job.question,
-        )
-        .group_by(Job.id, Job.finished_at)
-        .order_by(Job.finished_at.desc())
-        .limit(1)
-    ).first()
-    if measured and measured[1] > 0:
+    measured = costs.latest_succeeded(session, job.owner, "llm_only", job.question)
+    if measured and measured[1].tflops > 0:
         note = f"measured: llm_only job {measured[0]} on the same question"
-        return _saving("measured", float(measured[1]), tflops, note, job_id=measured[0])
+        return _saving("measured", measured[1].tflops, tflops, note, job_id=measured[0])
     report = latest_report()
     base = _report_baseline(report) if report else None
     if base:

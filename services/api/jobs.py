@@ -9,25 +9,25 @@ from typing import Any
 
 from flask import Blueprint, Response, current_app, jsonify, request, url_for
 from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session
 
 from services import jobs as job_service
 from services.api import pages
-from services.api.admission import flag_cancelled
 from services.api.auth import authenticate
+from services.api.formats import iso
 from services.api.limits import check_active_quota
 from services.api.problems import Problem
 from services.core.cost import totals
 from services.core.requests import InvalidRequest, parse_job_request
-from services.storage import repository
+from services.storage import job_rows, stage_rows
 from services.storage.db import in_transaction, transaction
-from services.storage.models import JOB_STATUSES, Job
+from services.storage.models import Job
+from services.storage.statuses import JobStatus
 
 bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 log = logging.getLogger("tandem.api.jobs")
 
 MAX_IDEMPOTENCY_KEY = 200
-ID_MAX = 40
 
 
 def settings():
@@ -60,15 +60,15 @@ def job_json(job: Job, with_stages: bool = True) -> dict[str, Any]:
         "batch_id": job.batch_id,
         "custom_id": job.custom_id,
         "cancel_requested": job.cancel_requested,
-        "created_at": _iso(job.created_at),
-        "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at),
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
         "status_url": url_for("jobs.get_job", job_id=job.id, _external=False),
     }
     if with_stages:
-        records = [repository.to_record(stage) for stage in job.stages]
+        records = [stage_rows.to_record(stage) for stage in job.stages]
         body["stages"] = [
-            {**record.to_dict(), "created_at": _iso(stage.created_at)}
+            {**record.to_dict(), "created_at": iso(stage.created_at)}
             for record, stage in zip(records, job.stages, strict=True)
         ]
         body["cost"] = totals(records).to_dict()
@@ -87,20 +87,11 @@ def _timings(job: Job) -> dict[str, float | None]:
     }
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return moment.isoformat() if moment else None
-
-
 def owned_job(session: Session, job_id: str, owner: str, with_stages: bool = True) -> Job:
     """The owner's job, or 404 (another owner's job is indistinguishable from a missing one)."""
-    if len(job_id) > ID_MAX or "\x00" in job_id:  # no id is that long or holds a NUL
-        raise Problem(404, f"no job {job_id[:ID_MAX]!r}")
-    query = select(Job).where(Job.id == job_id, Job.owner == owner)
-    if with_stages:
-        query = query.options(selectinload(Job.stages))
-    job = session.scalar(query)
+    job = job_rows.owned(session, job_id, owner, with_stages)
     if job is None:
-        raise Problem(404, f"no job {job_id}")
+        raise Problem(404, f"no job {job_id[: job_rows.ID_MAX]!r}")
     return job
 
 
@@ -125,9 +116,7 @@ def create_job() -> tuple[Response, int, dict[str, str]]:
     admission.check(owner)
     with transaction(settings().database_url) as session:
         check_active_quota(session, owner, settings().max_active_jobs)
-        job, tasks, created = job_service.submit(
-            session, owner, job_request, key, deadline_s=settings().stage_deadline_s
-        )
+        job, tasks, created = job_service.submit(session, owner, job_request, key)
         body = job_json(job, with_stages=False)
     try:
         current_app.extensions["tandem.enqueue"](tasks)
@@ -150,13 +139,11 @@ def cancel_job(job_id: str) -> Response:
 
     def cancel(session: Session) -> dict[str, Any]:
         job = owned_job(session, job_id, owner, with_stages=False)
-        session.refresh(job, with_for_update=True)
-        job_service.request_cancel(session, job)
+        job_service.cancel(session, job.id)
+        session.refresh(job)
         return job_json(job, with_stages=False)
 
-    body = in_transaction(settings().database_url, cancel)
-    flag_cancelled(job_id=body["id"])
-    return jsonify(body)
+    return jsonify(in_transaction(settings().database_url, cancel))
 
 
 @bp.get("")
@@ -166,13 +153,13 @@ def list_jobs() -> Response:
     pages.check_query(args, ("status", "strategy", "batch_id", "limit", "cursor"))
     query = select(Job).where(Job.owner == owner)
     if status := args.get("status"):
-        if status not in JOB_STATUSES:
-            raise Problem(400, f"status must be one of {', '.join(JOB_STATUSES)}")
+        if status not in set(JobStatus):
+            raise Problem(400, f"status must be one of {', '.join(JobStatus)}")
         query = query.where(Job.status == status)
     if strategy := args.get("strategy"):
         query = query.where(Job.strategy == strategy[:40])
     if batch_id := args.get("batch_id"):
-        query = query.where(Job.batch_id == batch_id[:ID_MAX])
+        query = query.where(Job.batch_id == batch_id[: job_rows.ID_MAX])
     with transaction(settings().database_url) as session:
         page = pages.newest_first(
             session, query, Job, args, 50, lambda job: job_json(job, with_stages=False)

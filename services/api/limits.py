@@ -6,11 +6,10 @@ from __future__ import annotations
 import time
 
 import redis
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from services.api.problems import Problem
-from services.storage.models import Job
+from services.storage import job_rows
 
 WINDOW_S = 60
 
@@ -47,13 +46,7 @@ def check_active_quota(session: Session, owner: str, quota: int, adding: int = 1
     """429 when the owner already has `quota` unfinished jobs (scan bounded by the quota)."""
     if quota <= 0:
         return
-    unfinished = (
-        select(Job.id)
-        .where(Job.owner == owner, Job.status.in_(("queued", "running")))
-        .limit(quota + 1)
-        .subquery()
-    )
-    active = session.scalar(select(func.count()).select_from(unfinished)) or 0
+    active = job_rows.count_active(session, owner, quota + 1)
     if active + adding > quota:
         raise Problem(
             429,

@@ -36,16 +36,17 @@ from services.storage.db import transaction
 
 log = logging.getLogger("tandem.reconciler")
 
-Publish = Callable[[Sequence[StageTask]], None]
+Enqueue = Callable[[Sequence[StageTask]], None]
 QueueDepth = Callable[[str], int]
 MAX_BACKOFF_DOUBLINGS = 6  # re-sends of one message are at most 64 deadlines apart
 
 
 def reconcile(
     settings: Settings,
-    publish: Publish,
+    enqueue: Enqueue,
     deadline_s: float | None = None,
     queue_depth: QueueDepth | None = None,
+    capacity: Callable[[], dict[str, int]] | None = None,
     limit: int = 500,
 ) -> int:
     """One pass over stale jobs; returns how many jobs had a message (re)sent."""
@@ -58,10 +59,10 @@ def reconcile(
     tasks = [task for job_id in stale for task in _reconcile_one(url, job_id, deadline, queue_depth)]
     resent = len({task.job_id for task in tasks})
     if tasks:
-        publish(tasks)
+        enqueue(tasks)
         REQUEUED.inc(resent)
         log.info("reconciler re-sent the messages of %d job(s)", resent)
-    feeder.feed(settings, publish, queue_depth)
+    feeder.feed(settings, enqueue, queue_depth, capacity)
     return resent
 
 

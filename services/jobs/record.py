@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from sqlalchemy import func
 from sqlalchemy.exc import DBAPIError
@@ -40,7 +41,7 @@ log = logging.getLogger("tandem.jobs")
 
 RECORD_RETRY_S = 30.0  # how long a recording is retried through database errors
 
-Publish = Callable[[Sequence[StageTask]], None]
+Enqueue = Callable[[Sequence[StageTask]], None]
 
 
 @dataclass
@@ -54,14 +55,22 @@ class Recorded:
     finished: JobStatus | None = None  # the job's status, if this stage ended it
 
 
-def record(url: str, started: Started, record: StageRecord, publish: Publish | None) -> Recorded:
-    """Record a finished stage, retrying through database errors (see the module docstring)."""
+def record(
+    url: str,
+    started: Started,
+    record: StageRecord,
+    enqueue: Enqueue | None,
+    aborted: bool = False,
+) -> Recorded:
+    """Record a finished stage, retrying through database errors (see the module docstring).
+    `aborted`: its generation was cut short by a cancel, so the job ends cancelled even if
+    this was its last stage (a partial answer is not a result)."""
     deadline = time.monotonic() + RECORD_RETRY_S
     pause = 0.05
     finished_at = utcnow()
     while True:
         try:
-            return _record_once(url, started, record, publish, finished_at)
+            return _record_once(url, started, record, enqueue, finished_at, aborted)
         except DBAPIError as error:
             if time.monotonic() + pause > deadline or not _retryable(error):
                 raise
@@ -78,7 +87,12 @@ def _retryable(error: DBAPIError) -> bool:
 
 
 def _record_once(
-    url: str, started: Started, record: StageRecord, publish: Publish | None, finished_at
+    url: str,
+    started: Started,
+    record: StageRecord,
+    enqueue: Enqueue | None,
+    finished_at: datetime,
+    aborted: bool,
 ) -> Recorded:
     with transaction(url) as session:
         view = lock(session, started.job_id)
@@ -91,31 +105,32 @@ def _record_once(
         del view.leases[started.seq]
         try:
             progress = view.progress()
-            tasks = [] if isinstance(progress, Finished) or view.cancel_requested else grant_next(view)
+            cancelled = view.cancel_requested and (aborted or not isinstance(progress, Finished))
+            tasks = [] if isinstance(progress, Finished) or cancelled else grant_next(view)
         except PoisonJob as poison:
             job_rows.mark_failed(session, view.id, str(poison))
             return Recorded(False, "poison job", finished=JobStatus.FAILED)
-        unpublished = tasks if publish is None else _publish_early(publish, tasks, view.id)
+        unpublished = tasks if enqueue is None else _publish_early(enqueue, tasks, view.id)
         if not stage_rows.add_stage(session, view.id, record, created_at=finished_at):
             raise RuntimeError(f"stage {started.seq} of {view.id} recorded twice under a lease")
         values = {"leases": leases_to_json(view.leases)}
+        if cancelled:
+            job_rows.mark_cancelled(session, view.id, **values)
+            return Recorded(True, finished=JobStatus.CANCELLED)
         if isinstance(progress, Finished):
             job_rows.mark_succeeded(session, view.id, progress.outcome, **values)
             return Recorded(True, finished=JobStatus.SUCCEEDED)
-        if view.cancel_requested:
-            job_rows.mark_cancelled(session, view.id, **values)
-            return Recorded(True, finished=JobStatus.CANCELLED)
         job_rows.set_values(session, view.id, updated_at=func.now(), **values)
         return Recorded(True, unpublished=unpublished)
 
 
-def _publish_early(publish: Publish, tasks: list[StageTask], job_id: str) -> list[StageTask]:
-    """Publish before the commit; returns what is left to publish after it ([] on success;
+def _publish_early(enqueue: Enqueue, tasks: list[StageTask], job_id: str) -> list[StageTask]:
+    """Enqueue before the commit; returns what is left to publish after it ([] on success;
     all of them if the broker is down: the caller tries again, then the reconciler)."""
     if not tasks:
         return []
     try:
-        publish(tasks)
+        enqueue(tasks)
     except Exception as error:
         log.warning("publish before commit failed: %s", error, extra={"job_id": job_id})
         return tasks

@@ -28,7 +28,7 @@ from services.core.execution import execute
 from services.jobs.heartbeat import CANCELLED, LEASE_LOST, TIMEOUT, Heartbeat
 from services.jobs.leases import leases_to_json
 from services.jobs.messages import Grant, StageTask
-from services.jobs.record import Publish, record
+from services.jobs.record import Enqueue, record
 from services.jobs.start import Started, start
 from services.jobs.view import lock
 from services.observability import WASTED, observe_stage
@@ -55,7 +55,7 @@ class StageContext:
     settings: Settings
     engines: Engines
     heartbeat: Heartbeat
-    publish: Publish | None = None
+    enqueue: Enqueue | None = None
 
 
 def run_stage(
@@ -106,7 +106,11 @@ def run_stage(
         if not isinstance(error, TransientBackendError):
             log.error("stage crashed", exc_info=error, extra={"job_id": job_id, "seq": seq})
         raise _failed_attempt(url, started, f"{type(error).__name__}: {error}", retry)
-    result = record(url, started, done, context.publish)
+    try:
+        result = record(url, started, done, context.enqueue, aborted=watch.stopped == CANCELLED)
+    except Exception as failure:  # the database stayed away past the recording's retries
+        WASTED.labels("recording failed").inc()
+        raise _failed_attempt(url, started, f"recording failed: {failure}", retry) from None
     if not result.kept:
         return _wasted(started, result.reason)
     observe_stage(done)

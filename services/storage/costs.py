@@ -18,8 +18,8 @@ SUM_FIELDS = ("tflops", "prefill_tflops", "prompt_tokens", "cached_prompt_tokens
 
 @dataclass(frozen=True)
 class StageSums:
-    tflops: float = 0.0
-    prefill_tflops: float = 0.0
+    tflops: float | int = 0
+    prefill_tflops: float | int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
     generated_tokens: int = 0
@@ -78,3 +78,24 @@ def by_strategy(session: Session, *where: Any) -> list[tuple[str, int, StageSums
         .order_by(jobs.c.strategy)
     )
     return [(strategy, int(n), StageSums.from_row(values)) for strategy, n, *values in rows]
+
+
+def latest_succeeded(
+    session: Session, owner: str, strategy: str, question: str
+) -> tuple[str, StageSums] | None:
+    """The owner's most recent succeeded job of `strategy` on exactly this question, with its
+    cost (the dashboard's measured baseline)."""
+    row = session.execute(
+        select(Job.id, *_sums())
+        .join(Stage, Stage.job_id == Job.id)
+        .where(
+            Job.owner == owner,
+            Job.strategy == strategy,
+            Job.status == "succeeded",
+            Job.question == question,
+        )
+        .group_by(Job.id, Job.finished_at)
+        .order_by(Job.finished_at.desc())
+        .limit(1)
+    ).first()
+    return (row[0], StageSums.from_row(row[1:])) if row else None

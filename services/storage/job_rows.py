@@ -177,7 +177,9 @@ def mark_cancelled(session: Session, job_id: str, **values: Any) -> bool:
 
 
 def _finish(session: Session, job_id: str, status: JobStatus, **values: Any) -> bool:
-    return _change(session, job_id, status=status, finished_at=func.now(), leases={}, **values)
+    """A final status; a finished job holds no leases."""
+    values["leases"] = {}
+    return _change(session, job_id, status=status, finished_at=func.now(), **values)
 
 
 def _change(session: Session, job_id: str, **values: Any) -> bool:

@@ -1,0 +1,74 @@
+"""A batch's life after its upload: cancel, finalize once every job is final, and fail
+uploads that died half-way.
+
+    validating -> in_progress -> finalizing -> completed
+    validating -> failed                      (no valid line, too many lines / invalid lines)
+    in_progress -> cancelling -> cancelled    (running jobs stop at their next stage boundary)
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from services.batches.progress import progress
+from services.storage import batch_rows
+from services.storage.db import transaction
+from services.storage.models import Batch, utcnow
+from services.storage.statuses import ACTIVE_BATCH_STATUSES, BatchStatus
+
+STALE_UPLOAD_S = 3600.0  # a batch still validating after this lost its upload
+
+
+def cancel(session: Session, batch: Batch) -> bool:
+    """Cancel a batch (the caller holds its row lock): queued jobs end now, running ones
+    stop at their next stage boundary, finished ones are kept. Returns whether anything
+    changed (a finished or already cancelling batch is left as it is)."""
+    if batch.status != BatchStatus.IN_PROGRESS:
+        return False
+    batch_rows.cancel_jobs(session, batch.id)
+    batch.status = BatchStatus.CANCELLING
+    batch.cancelled_at = utcnow()
+    return True
+
+
+def finalize_if_done(url: str, batch_id: str) -> bool:
+    """When every job of the batch is final: in_progress -> finalizing -> completed (or
+    cancelling -> cancelled), freezing its counts and cost. Returns whether it finalized."""
+    with transaction(url) as session:
+        batch = batch_rows.lock_in(session, batch_id, ACTIVE_BATCH_STATUSES)
+        if batch is None or batch_rows.has_unfinished(session, batch_id):
+            return False
+        if batch.status == BatchStatus.IN_PROGRESS:
+            batch.status = BatchStatus.FINALIZING
+    with transaction(url) as session:
+        closing = (BatchStatus.CANCELLING, BatchStatus.FINALIZING)
+        batch = batch_rows.lock_in(session, batch_id, closing)
+        if batch is None:
+            return False
+        done = progress(session, batch)
+        batch.metadata_ = {**(batch.metadata_ or {}), "final": done.to_dict()}
+        cancelled = batch.status == BatchStatus.CANCELLING
+        batch.status = BatchStatus.CANCELLED if cancelled else BatchStatus.COMPLETED
+        batch.finished_at = utcnow()
+        return True
+
+
+def finalize_finished(url: str) -> None:
+    """Finalize every active batch whose jobs are all final."""
+    with transaction(url) as session:
+        active = batch_rows.ids_in(session, ACTIVE_BATCH_STATUSES)
+    for batch_id in active:
+        finalize_if_done(url, batch_id)
+
+
+def fail_stale_uploads(url: str, older_than_s: float = STALE_UPLOAD_S) -> int:
+    """A batch still validating long after its upload began lost its request (a crashed API
+    process): mark it failed."""
+    with transaction(url) as session:
+        stale = batch_rows.stale_uploads(session, older_than_s)
+        for batch in stale:
+            batch.status = BatchStatus.FAILED
+            failure = {"failure": "the upload was interrupted", "upload_broke": True}
+            batch.metadata_ = {**(batch.metadata_ or {}), **failure}
+            batch.finished_at = utcnow()
+        return len(stale)

@@ -1,0 +1,198 @@
+"""Reading a batch upload: its batch-wide defaults and its lines, each validated like a
+single job (`parse_job_request`), without holding the upload in memory."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from services.core.params import JobParams
+from services.core.requests import InvalidRequest, JobRequest, parse_job_request
+from services.storage.job_rows import stored_params
+
+LINE_FIELDS = frozenset({"custom_id", "question", "strategy", "params"})
+MAX_CUSTOM_ID = 200
+MAX_ERROR_CHARS = 500
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one upload may hold (the body's byte limit is TANDEM_MAX_BODY_BYTES)."""
+
+    max_lines: int = 1_000_000  # non-blank lines
+    max_line_bytes: int = 64 * 1024  # a longer line is reported invalid
+    max_invalid_lines: int = 10_000  # more invalid lines than this fail the whole batch
+
+
+class BatchRejected(Exception):
+    """The upload as a whole is unusable (stored as a failed batch)."""
+
+    def __init__(self, status: int, reason: str, batch_id: str | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.batch_id = batch_id
+        self.errors: list[dict[str, Any]] = []
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The batch's strategy and params; a line's own `strategy` replaces the strategy and
+    its `params` are merged over these, key by key."""
+
+    strategy: str = "tandem"
+    params: dict[str, Any] = field(default_factory=dict)
+    validated: JobParams = field(default_factory=JobParams)
+    validated_json: str = "{}"  # what a job with exactly these params stores
+
+
+@dataclass(frozen=True)
+class ParsedLine:
+    line: int
+    custom_id: str
+    request: JobRequest
+    params_json: str  # the job's stored params (non-default values), as JSON
+
+
+@dataclass(frozen=True)
+class LineError:
+    line: int
+    custom_id: str | None
+    error: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"line": self.line, "custom_id": self.custom_id, "error": self.error}
+
+
+def parse_defaults(strategy: str | None, params_json: str | None, max_chars: int) -> Defaults:
+    """Validate the batch-wide strategy and params (raises InvalidRequest)."""
+    params: Any = {}
+    if params_json:
+        try:
+            params = json.loads(params_json)
+        except json.JSONDecodeError as error:
+            raise InvalidRequest(f"params is not valid JSON: {error.msg}") from None
+        except (ValueError, RecursionError):  # a number too long, nesting too deep
+            raise InvalidRequest("params is not valid JSON: number too long or too deep") from None
+        if not isinstance(params, dict):
+            raise InvalidRequest("params must be a JSON object")
+    strategy = strategy or "tandem"
+    request = parse_job_request(
+        {"question": "?", "strategy": strategy, "params": params}, max_chars
+    )
+    stored = json.dumps(stored_params(request.params))
+    return Defaults(strategy, params, request.params, stored)
+
+
+class LineReader:
+    """Physical lines of a byte stream, numbered from 1, without reading it all: a line over
+    `max_line_bytes` comes back as None (and is skipped to its end)."""
+
+    def __init__(self, stream: BinaryIO, max_line_bytes: int) -> None:
+        raw = stream if hasattr(stream, "peek") else io.BufferedReader(stream, 1 << 16)  # type: ignore[arg-type]
+        self._stream = raw
+        self._max = max_line_bytes
+        self.bytes_read = 0
+
+    def __iter__(self) -> Iterator[tuple[int, bytes | None]]:
+        number = 0
+        while True:
+            chunk = self._stream.readline(self._max + 1)
+            if not chunk:
+                return
+            number += 1
+            self.bytes_read += len(chunk)
+            if len(chunk) > self._max and not chunk.endswith(b"\n"):
+                self._skip_rest(chunk)
+                yield number, None
+            else:
+                yield number, chunk
+
+    def _skip_rest(self, chunk: bytes) -> None:
+        while chunk and not chunk.endswith(b"\n"):
+            chunk = self._stream.readline(1 << 16)
+            self.bytes_read += len(chunk)
+
+
+def parse_line(
+    number: int, raw: bytes | None, defaults: Defaults, max_chars: int, max_line_bytes: int
+) -> ParsedLine | LineError | None:
+    """One input line: a job request, the reason it is invalid, or None for a blank line."""
+    if raw is None:
+        return LineError(number, None, f"line is longer than the limit of {max_line_bytes} bytes")
+    stripped = raw.strip()
+    if number == 1:
+        stripped = stripped.removeprefix(_BOM)
+    if not stripped:
+        return None
+    try:
+        data = json.loads(stripped.decode())
+    except UnicodeDecodeError:
+        return LineError(number, None, "line is not valid UTF-8")
+    except json.JSONDecodeError as error:
+        return LineError(number, None, f"not valid JSON: {error.msg} (column {error.colno})")
+    except (ValueError, RecursionError):  # a number too long, nesting too deep
+        return LineError(number, None, "not valid JSON: too long a number or too deep nesting")
+    if not isinstance(data, dict):
+        return LineError(number, None, "a line must be a JSON object")
+    return _line_request(number, data, defaults, max_chars)
+
+
+def _line_request(
+    number: int, data: dict[str, Any], defaults: Defaults, max_chars: int
+) -> ParsedLine | LineError:
+    custom_id = data.get("custom_id")
+    if not isinstance(custom_id, str) or not 1 <= len(custom_id) <= MAX_CUSTOM_ID:
+        shown = custom_id[:MAX_CUSTOM_ID] if isinstance(custom_id, str) else None
+        return LineError(
+            number, shown, f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
+        )
+    if not LINE_FIELDS.issuperset(data):
+        unknown = data.keys() - LINE_FIELDS
+        return LineError(number, custom_id, f"unknown field(s): {', '.join(sorted(unknown))}")
+    params = data.get("params")
+    if params is not None and not isinstance(params, dict):
+        return LineError(number, custom_id, "params must be a JSON object")
+    fields: dict[str, Any] = {
+        "strategy": data.get("strategy", defaults.strategy),
+        "params": {**defaults.params, **params} if params else defaults.validated,
+    }
+    if "question" in data:
+        fields["question"] = data["question"]
+    try:
+        request = parse_job_request(fields, max_chars)
+    except InvalidRequest as error:
+        return LineError(number, custom_id, clip(str(error)))
+    if "\x00" in request.question or "\x00" in custom_id:
+        return LineError(number, custom_id, "question and custom_id may not contain NUL")
+    return ParsedLine(number, custom_id, request, _params_json(request.params, defaults))
+
+
+def _params_json(params: JobParams, defaults: Defaults) -> str:
+    if params is defaults.validated:
+        return defaults.validated_json
+    return json.dumps(stored_params(params))
+
+
+def clip(text: str) -> str:
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
+
+
+def parse_lines(
+    reader: LineReader, defaults: Defaults, max_chars: int, limits: Limits
+) -> Iterator[ParsedLine | LineError]:
+    """Every non-blank line, parsed. Raises BatchRejected (413) past `limits.max_lines`
+    non-blank lines. Duplicate custom_ids are not checked here."""
+    count = 0
+    for number, raw in reader:
+        parsed = parse_line(number, raw, defaults, max_chars, limits.max_line_bytes)
+        if parsed is None:
+            continue
+        count += 1
+        if count > limits.max_lines:
+            raise BatchRejected(413, f"too many lines: the limit is {limits.max_lines}")
+        yield parsed
