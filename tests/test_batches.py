@@ -502,7 +502,6 @@ def test_the_feeder_keeps_batch_lanes_shallow_and_the_reconciler_waits_for_it(
     from services.jobs import reconcile
     from services.storage.db import transaction
     from services.storage.models import Batch, Job
-
     from tests import infra
 
     url = in_process_settings.database_url
