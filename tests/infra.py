@@ -299,7 +299,12 @@ class Processes:
         return process
 
     def worker(self, queue: str, concurrency: int = 4, name: str | None = None) -> subprocess.Popen:
+        """A Celery worker for a role (`queue` names it), consuming the role's lanes in order
+        of priority, as deployments run it."""
+        from services.queues import ROLES, role_queues
+
         name = name or queue
+        queues = ",".join(role_queues(queue)) if queue in ROLES else queue
         return self.start(
             name,
             [
@@ -308,7 +313,7 @@ class Processes:
                 "workers",
                 "worker",
                 "-Q",
-                queue,
+                queues,
                 "-n",
                 f"{name}@%h",
                 "--pool",
