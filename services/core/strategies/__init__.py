@@ -1,4 +1,8 @@
-"""Strategy registry: a strategy name plus a job's input gives a program to drive."""
+"""Strategy registry: a strategy name plus a job's input gives a program to drive.
+
+Every strategy works with every task type (`params.task`: math, code, text): it takes its
+prompts and its answer extraction from `services.core.tasks.job_task`, never from the task
+name itself."""
 
 from __future__ import annotations
 
