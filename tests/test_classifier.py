@@ -853,3 +853,29 @@ def test_collect_command_on_code_problems(
         assert bad.exit_code != 0 and "task 'code' (now 'math')" in bad.output
     finally:
         get_settings.cache_clear()
+
+
+def test_services_collection_sends_code_jobs(tmp_path: Path) -> None:
+    """Through a deployment, a code item's fixed:B jobs carry its task and entry point."""
+    import httpx
+
+    item = collecting.read_dataset(humaneval_file(tmp_path, 1))[0]
+    posted: list[dict[str, Any]] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posted.append(json.loads(request.content))
+            return httpx.Response(202, json={"id": "j1", "status": "queued"})
+        return httpx.Response(200, json={"id": "j1", "status": "succeeded", "stages": []})
+
+    collector = collect_remote.ServicesCollector(
+        "http://api", "k", engines=None, poll_s=0.0, transport=httpx.MockTransport(api)  # type: ignore[arg-type]
+    )
+    try:
+        collector._run(item, JobParams(budgets=BUDGETS, executor_max_tokens=8), 8)
+    finally:
+        collector.close()
+    [body] = posted
+    assert body["strategy"] == "fixed:8" and body["question"] == item.question
+    assert body["params"]["task"] == "code"
+    assert body["params"]["entry_point"] == "has_close_elements"
