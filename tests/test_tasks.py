@@ -20,7 +20,7 @@ from services.core import prompts
 from services.core.params import InvalidRequest, JobParams, JobRequest, parse_job_request
 from services.core.steps import Generate, Judge, StageRecord
 from services.core.strategies import program_for
-from services.core.tasks import job_task, last_function
+from services.core.tasks import REGISTRY, job_task, last_function
 from services.core.workflow import Finished, advance
 
 ADD = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
@@ -275,7 +275,7 @@ def drive(request: JobRequest) -> tuple[list[Generate], Any]:
     recorded: dict[int, StageRecord] = {}
     asked: list[Generate] = []
     reply = REPLIES[request.params.task]
-    wording = prompts.PROMPTS[request.params.task]
+    wording = REGISTRY[request.params.task].prompts
     while True:
         progress = advance(program, recorded)
         if isinstance(progress, Finished):
@@ -304,7 +304,7 @@ def test_every_strategy_uses_the_task_prompts_and_extraction(strategy: str, task
     question = QUESTION_OF[task]
     request = JobRequest(question=question, strategy=strategy, params=params(task=task))
     asked, outcome = drive(request)
-    wording = prompts.PROMPTS[task]
+    wording = REGISTRY[task].prompts
     allowed_system = {
         wording.coordinator_system,
         wording.executor_system,

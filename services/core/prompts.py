@@ -224,8 +224,6 @@ TEXT = TaskPrompts(
     selection_cue="Number of the best answer: ",
 )
 
-PROMPTS: dict[str, TaskPrompts] = {"math": MATH, "code": CODE, "text": TEXT}
-
 
 # The math prompts under their historical names (the default task).
 

@@ -7,7 +7,8 @@ prompts and its answer extraction (`params.task`).
 | `code` | one complete Python function in a ```python block | `answers.extract_code`: the function's source, with the imports and helpers it uses |
 | `text` | a free-form answer | the final text itself (stripped); nothing is extracted |
 
-A strategy asks `job_task(question, params)` for its prompts (`coordinator_messages`,
+`REGISTRY` maps each task to its wording (`prompts.MATH`, `CODE`, `TEXT`) and its reader. A
+strategy asks `job_task(question, params)` for its prompts (`coordinator_messages`,
 `executor_messages`, `solver_messages`, `selection_messages`) and turns its final text into
 an `Outcome` with `outcome(...)`, so no strategy branches on the task.
 
@@ -25,12 +26,14 @@ used by `tandem eval` and `tandem classifier collect`), never in a service proce
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from services.core import prompts
 from services.core.answers import extract_answer, extract_code
 from services.core.params import JobParams
-from services.core.prompts import PROMPTS, Messages, TaskPrompts
+from services.core.prompts import Messages, TaskPrompts
 from services.core.steps import Outcome
 
 TaskName = Literal["math", "code", "text"]
@@ -52,13 +55,29 @@ class Answer:
 
 
 @dataclass(frozen=True)
+class Task:
+    """A task type: its wording and how an answer is read from a reply (given the job)."""
+
+    name: TaskName
+    prompts: TaskPrompts
+    read: Callable[[JobTask, str], Answer]
+
+
+@dataclass(frozen=True)
 class JobTask:
     """One job's task, bound to its question: the prompts to send and how to read the answer."""
 
-    name: TaskName
+    task: Task
     question: str
-    prompts: TaskPrompts
     entry_point: str | None = None  # code: the function to extract (None: see the docstring)
+
+    @property
+    def name(self) -> TaskName:
+        return self.task.name
+
+    @property
+    def prompts(self) -> TaskPrompts:
+        return self.task.prompts
 
     def coordinator_messages(self) -> Messages:
         return self.prompts.coordinator_messages(self.question)
@@ -77,7 +96,7 @@ class JobTask:
         continuation, then draft + continuation); else the last text's reading."""
         found = Answer(None)
         for text in texts:
-            found = _READERS[self.name](self, text)
+            found = self.task.read(self, text)
             if found.value is not None:
                 return found
         return found
@@ -112,7 +131,12 @@ def _code_answer(task: JobTask, text: str) -> Answer:
     return Answer(code.code, f"{entry_point}: {code.reason}")
 
 
-_READERS = {"math": _math_answer, "code": _code_answer, "text": _text_answer}
+# The one place a task name maps to its prompts and its answer extraction.
+REGISTRY: dict[str, Task] = {
+    "math": Task("math", prompts.MATH, _math_answer),
+    "code": Task("code", prompts.CODE, _code_answer),
+    "text": Task("text", prompts.TEXT, _text_answer),
+}
 
 
 def last_function(source: str) -> str | None:
@@ -123,8 +147,7 @@ def last_function(source: str) -> str | None:
 
 def job_task(question: str, params: JobParams) -> JobTask:
     """The task of a job: its prompts, and its answer extraction bound to the question."""
-    name = params.task
     entry_point = None
-    if name == "code":
+    if params.task == "code":
         entry_point = params.entry_point or last_function(question)
-    return JobTask(name, question, PROMPTS[name], entry_point)
+    return JobTask(REGISTRY[params.task], question, entry_point)
