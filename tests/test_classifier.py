@@ -27,6 +27,7 @@ from services.core.params import JobParams, JobRequest
 from services.core.prompts import classifier_text
 from services.core.sufficiency import FEATURE_NAMES, features_from_scoring
 from services.settings import Settings
+from tests.code_problems import PROBLEMS, write_problems
 
 TEXT = classifier_text(
     "A baker has 3 trays of 12 rolls and sells 20 rolls. How many rolls are left?",
@@ -718,15 +719,8 @@ def test_torch_scoring_matches_llama_cpp(engines: Engines, model_path: Path) -> 
 
 # ------------------------------------------------------------------ code: labels by the grader
 
-HUMANEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "humaneval.jsonl"
-
-
 def humaneval_file(tmp_path: Path, n: int) -> Path:
-    if not HUMANEVAL.exists():
-        pytest.skip(f"{HUMANEVAL} is not here")
-    path = tmp_path / "humaneval.jsonl"
-    path.write_text("".join(HUMANEVAL.read_text().splitlines(keepends=True)[:n]))
-    return path
+    return write_problems(tmp_path / "code.jsonl", n)
 
 
 @pytest.fixture(scope="module")
@@ -745,18 +739,16 @@ def code_grade():
 
 def test_read_dataset_of_code_problems(tmp_path: Path) -> None:
     items = collecting.read_dataset(humaneval_file(tmp_path, 3))
-    assert [i.qid for i in items] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert [i.qid for i in items] == ["Own/0", "Own/1", "Own/2"]
     assert {i.task for i in items} == {"code"} and items[0].reference is None
-    assert items[0].job_params == {"task": "code", "entry_point": "has_close_elements"}
+    assert items[0].job_params == {"task": "code", "entry_point": "has_pair_with_sum"}
     assert collecting.dataset_task(items) == "code"
     params = collecting.item_params(items[0], JobParams(budgets=BUDGETS))
-    assert (params.task, params.entry_point, params.budgets) == ("code", "has_close_elements", BUDGETS)
+    assert (params.task, params.entry_point, params.budgets) == ("code", "has_pair_with_sum", BUDGETS)
     math_item = collecting.Item("q", 0, "What is 2 + 3?", "5")
     assert collecting.item_params(math_item, JobParams()) == JobParams()  # math: unchanged
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(
-        HUMANEVAL.read_text().splitlines(keepends=True)[0] + json.dumps(QUESTIONS[0]) + "\n"
-    )
+    mixed.write_text(json.dumps(PROBLEMS[0]) + "\n" + json.dumps(QUESTIONS[0]) + "\n")
     with pytest.raises(collecting.CollectError, match="line 2: not a HumanEval problem"):
         collecting.read_dataset(mixed)
 
@@ -764,28 +756,19 @@ def test_read_dataset_of_code_problems(tmp_path: Path) -> None:
 def test_code_stages_are_labelled_by_the_sandboxed_grader(tmp_path: Path, code_grade) -> None:
     item = collecting.read_dataset(humaneval_file(tmp_path, 1))[0]
     params = collecting.item_params(item, JobParams(budgets=BUDGETS))
-    solution = item.problem["prompt"] + HUMANEVAL_SOLUTION_0
+    solution = item.problem["prompt"] + PROBLEMS[0]["canonical_solution"]
     right = collecting.label(item, params, f"Here it is:\n```python\n{solution}```", code_grade)
     assert right["correct"] is True and right["verdict"] == "passed"
-    assert right["answer"].startswith("from typing import List\n\ndef has_close_elements(")
-    wrong = "```python\ndef has_close_elements(numbers, threshold):\n    return True\n```"
+    assert right["answer"].startswith("from typing import List\n\ndef has_pair_with_sum(")
+    wrong = "```python\ndef has_pair_with_sum(numbers, target):\n    return True\n```"
     failed = collecting.label(item, params, wrong, code_grade)
     assert failed["correct"] is False and failed["verdict"] == "failed"
     assert failed["grade_reason"].startswith("AssertionError")
     none = collecting.label(item, params, "no idea", code_grade)
     assert none["answer"] is None and none["verdict"] == "error" and not none["correct"]
-    assert none["extraction"] == "has_close_elements: no function named has_close_elements in the reply"
+    assert none["extraction"] == "has_pair_with_sum: no function named has_pair_with_sum in the reply"
     with pytest.raises(collecting.CollectError, match="labelled by the sandboxed grader"):
         collecting.label(item, params, wrong, None)
-
-
-HUMANEVAL_SOLUTION_0 = (
-    "    for i, a in enumerate(numbers):\n"
-    "        for j, b in enumerate(numbers):\n"
-    "            if i != j and abs(a - b) < threshold:\n"
-    "                return True\n"
-    "    return False\n"
-)
 
 
 def test_evaluate_reports_the_transfer_from_math_to_code(artifact: Path, tmp_path: Path) -> None:
@@ -835,13 +818,13 @@ def test_collect_command_on_code_problems(
         done = CliRunner().invoke(cli, args)
         assert done.exit_code == 0, done.output
         lines = [json.loads(x) for x in (out / samples_io.SAMPLES_FILE).read_text().splitlines()]
-        assert sorted(ln["id"] for ln in lines) == ["HumanEval/0", "HumanEval/1"]
+        assert sorted(ln["id"] for ln in lines) == ["Own/0", "Own/1"]
         for line in lines:
             assert line["task"] == "code" and line["reference"] is None
             for stage in line["stages"]:
                 assert stage["verdict"] in {"passed", "failed", "timeout", "error"}, stage
                 assert stage["correct"] == (stage["verdict"] == "passed")
-                assert stage["extraction"].split(": ")[0] in {"has_close_elements", "separate_paren_groups"}
+                assert stage["extraction"].split(": ")[0] in {"has_pair_with_sum", "count_vowels"}
                 assert len(stage["features"]) == 25
         meta = json.loads((out / samples_io.META_FILE).read_text())
         assert meta["task"] == "code"
@@ -878,4 +861,4 @@ def test_services_collection_sends_code_jobs(tmp_path: Path) -> None:
     [body] = posted
     assert body["strategy"] == "fixed:8" and body["question"] == item.question
     assert body["params"]["task"] == "code"
-    assert body["params"]["entry_point"] == "has_close_elements"
+    assert body["params"]["entry_point"] == "has_pair_with_sum"

@@ -23,6 +23,7 @@ from services.evaluation.harness import (
     run_evaluation,
 )
 from services.evaluation.metrics import pareto_front, wilson_interval
+from tests.code_problems import ENTRY_POINTS, PROBLEMS, write_problems
 
 GSM8K_LINES = [
     {
@@ -397,21 +398,12 @@ def test_error_rows_count_as_wrong_and_can_be_retried(dataset: Path, tmp_path: P
 
 # --- code: HumanEval problems, answers graded in the sandbox --------------------------------
 
-HUMANEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "humaneval.jsonl"
 CODE_PARAMS = {"budgets": [0, 8], "executor_max_tokens": 24, "llm_max_tokens": 24}
-
-
-def humaneval_lines(n: int) -> list[dict[str, Any]]:
-    if not HUMANEVAL.exists():
-        pytest.skip(f"{HUMANEVAL} is not here")
-    return [json.loads(line) for line in HUMANEVAL.read_text().splitlines()[:n]]
 
 
 @pytest.fixture
 def code_dataset(tmp_path: Path) -> Path:
-    path = tmp_path / "humaneval3.jsonl"
-    path.write_text("".join(json.dumps(line) + "\n" for line in humaneval_lines(3)))
-    return path
+    return write_problems(tmp_path / "code3.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -430,10 +422,10 @@ def test_humaneval_datasets_make_code_jobs(code_dataset: Path, tmp_path: Path) -
     from services.evaluation.harness import with_dataset_task
 
     questions = load_questions(code_dataset)
-    assert [q.id for q in questions] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
+    assert [q.id for q in questions] == ["Own/0", "Own/1", "Own/2"]
     assert {q.task for q in questions} == {"code"} and questions[0].reference is None
-    assert questions[0].text.startswith("from typing import List")
-    assert questions[0].job_params == {"entry_point": "has_close_elements"}
+    assert questions[0].text == PROBLEMS[0]["prompt"]
+    assert questions[0].job_params == {"entry_point": "has_pair_with_sum"}
     assert len(load_questions(code_dataset, limit=2)) == 2
     params = with_dataset_task({"budgets": [0, 8]}, questions)
     assert params == {"budgets": [0, 8], "task": "code"}
@@ -451,9 +443,15 @@ def test_humaneval_datasets_make_code_jobs(code_dataset: Path, tmp_path: Path) -
         run_evaluation(questions, parse_strategies("slm_only"), ScriptedRunner({}), tmp_path)
     # a file mixing the two formats is refused, by file and line
     mixed = tmp_path / "mixed.jsonl"
-    mixed.write_text(json.dumps(humaneval_lines(1)[0]) + "\n" + json.dumps(GSM8K_LINES[0]) + "\n")
+    mixed.write_text(json.dumps(PROBLEMS[0]) + "\n" + json.dumps(GSM8K_LINES[0]) + "\n")
     with pytest.raises(EvaluationError, match=r"mixed.jsonl:2: missing fields"):
         load_questions(mixed)
+
+
+def test_the_test_problems_are_sound(code_dataset: Path, grader) -> None:
+    """Each test problem's canonical solution passes its tests in the sandbox."""
+    grades = list(grader.grade_many((q.problem, None) for q in load_questions(code_dataset)))
+    assert [g.verdict for g in grades] == ["passed"] * len(PROBLEMS), [g.reason for g in grades]
 
 
 class CodeRunner(ScriptedRunner):
@@ -476,14 +474,14 @@ class CodeRunner(ScriptedRunner):
 def test_code_answers_are_graded_in_the_sandbox(code_dataset: Path, tmp_path: Path, grader) -> None:
     questions = load_questions(code_dataset)
     canonical = [q.problem.prompt + q.problem.canonical_solution for q in questions]
-    wrong = "def has_close_elements(numbers, threshold):\n    return False\n"
+    wrong = "def has_pair_with_sum(numbers, target):\n    return False\n"
     replies = {
         ("llm_only", 0): (canonical[0], "..."),  # the right function: passed
         ("llm_only", 1): (None, questions[1].problem.canonical_solution),  # a body: graded too
         ("llm_only", 2): (None, "I do not know."),  # no function: error
         ("slm_only", 0): (wrong, "..."),  # a wrong function: failed
         ("slm_only", 1): "context overflow",  # the job failed: not graded
-        ("slm_only", 2): ("def truncate_number(x):\n    while True:\n        pass\n", ""),
+        ("slm_only", 2): ("def digit_sum(n):\n    while True:\n        pass\n", ""),
     }
     specs = parse_strategies("llm_only,slm_only", {"task": "code"})
     out = tmp_path / "out"
@@ -502,7 +500,7 @@ def test_code_answers_are_graded_in_the_sandbox(code_dataset: Path, tmp_path: Pa
     }
     assert [row["correct"] for row in rows.values()].count(True) == 2
     assert rows[("slm_only", 0)]["grade_reason"].startswith("AssertionError")
-    assert "no function named truncate_number" in rows[("llm_only", 2)]["grade_reason"]
+    assert "no function named digit_sum" in rows[("llm_only", 2)]["grade_reason"]
     assert all(row["task"] == "code" and row["params"] == {"task": "code"} for row in rows.values())
     assert_summary_matches_rows(out, ["llm_only", "slm_only"])
     summary = {e["label"]: e for e in result.summary["strategies"]}
@@ -541,8 +539,8 @@ def test_eval_on_humaneval_embedded_grades_every_answer(
     assert done.exit_code == 0, done.output
     assert "ran 6 job(s)" in done.output and "| pass@1 [95% CI] |" in done.output
     rows = read_rows(out)
-    assert len(rows) == 6 and {r["question_id"] for r in rows} == {f"HumanEval/{i}" for i in range(3)}
-    entry = {q.id: q.problem.entry_point for q in load_questions(code_dataset)}
+    assert len(rows) == 6 and {r["question_id"] for r in rows} == {f"Own/{i}" for i in range(3)}
+    entry = dict(zip([p["task_id"] for p in PROBLEMS], ENTRY_POINTS, strict=True))
     for row in rows:
         assert row["task"] == "code" and row["params"]["task"] == "code" and row["error"] is None
         assert row["verdict"] in {"passed", "failed", "timeout", "error"}, row
