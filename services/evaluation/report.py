@@ -149,11 +149,18 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
     on_front = set(summary["pareto_front"])
     right = max((e["mean_tflops"] for e in entries), default=0.0)
     groups = sorted(_same_point(entries), key=lambda g: (g[0]["mean_tflops"], g[0]["accuracy"]))
-    placed: list[tuple[float, float]] = []
+    # A label runs right of its point; about 0.011 of the x range per character at this size.
+    char = 0.011 * (right * 1.25 if right > 0 else 1.0)
+    placed: list[tuple[float, float, float]] = []  # x, accuracy, where its label ends
     for group in groups:
         x, y = group[0]["mean_tflops"], group[0]["accuracy"]
-        near = sum(1 for px, py in placed if abs(px - x) < 0.08 * right and abs(py - y) < 0.05)
-        placed.append((x, y))
+        label_end = x + char * len(", ".join(e["label"] for e in group))
+        near = sum(
+            1
+            for px, py, end in placed
+            if px - 0.08 * right < x < max(end, px + 0.08 * right) and abs(py - y) < 0.05
+        )
+        placed.append((x, y, label_end))
         _plot_point(axes, group, any(e["label"] in on_front for e in group), lift=near)
     front = [e for label in summary["pareto_front"] for e in entries if e["label"] == label]
     if len(front) > 1:
