@@ -454,6 +454,13 @@ def test_rest_jobs_take_the_task(client: FlaskClient, api_key: str) -> None:
         assert fragment in refused.get_json()["detail"]
 
 
+def test_openapi_documents_the_task(client: FlaskClient) -> None:
+    document = client.get("/openapi.json").get_json()
+    properties = document["components"]["schemas"]["JobParams"]["properties"]
+    assert properties["task"]["enum"] == ["math", "code", "text"]
+    assert properties["task"]["default"] == "math" and "entry_point" in properties
+
+
 def test_batch_lines_take_the_task(client: FlaskClient, api_key: str) -> None:
     lines = [
         {"custom_id": "code", "question": ADD, "params": {"task": "code", "entry_point": "add"}},
