@@ -19,7 +19,7 @@ from services.core.classifier.artifact import (
     write_report,
 )
 from services.core.classifier.cascade import format_report
-from services.core.classifier.collect import CollectError, CollectSummary, Item
+from services.core.classifier.collect import CollectError, CollectSummary, Grade, Item
 from services.core.classifier.samples import TrainingError, load_samples
 
 
@@ -48,12 +48,17 @@ def _budgets(raw: str) -> tuple[int, ...]:
         ) from None
 
 
-@classifier.command(help="Run every stage of each question and store features, labels, costs.")
+@classifier.command(
+    help="Run every stage of each question and store features, labels, costs. On a HumanEval "
+    "file the stages are code jobs, labelled by running the answer against the problem's "
+    "tests in a sandbox (TANDEM_GRADER_*)."
+)
 @click.option(
     "--dataset",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     required=True,
-    help="JSONL with `question` and `answer` (GSM8K / MATH-500).",
+    help="JSONL with `question` and `answer` (GSM8K / MATH-500), or HumanEval "
+    "(task_id, prompt, entry_point, test).",
 )
 @click.option(
     "--out",
@@ -123,8 +128,13 @@ def collect(
         params = JobParams(budgets=_budgets(budgets), executor_max_tokens=executor_max_tokens)
     except ValueError as error:
         raise ClassifierCommandError(f"invalid options: {error}") from None
-    items = collecting.read_dataset(dataset)[offset:]
+    try:
+        items = collecting.read_dataset(dataset)[offset:]
+    except CollectError as error:
+        raise ClassifierCommandError(str(error)) from None
     items = items[:limit] if limit else items
+    task = collecting.dataset_task(items)
+    grade = _code_grade() if task == "code" else None
     engines = Engines(get_settings())
     collector = None
     bar = _ProgressBar(enabled=not no_progress)
@@ -132,15 +142,17 @@ def collect(
         if services_url:
             from services.collect_remote import ServicesCollector
 
-            collector = ServicesCollector(services_url, key or "", engines, poll_s=poll_s)
+            collector = ServicesCollector(
+                services_url, key or "", engines, poll_s=poll_s, grade=grade
+            )
             collect_one = collector.collect_question
         else:
 
             def collect_one(item: Item, p: JobParams) -> dict[str, Any]:
-                return collecting.collect_question(engines, item, p)
+                return collecting.collect_question(engines, item, p, grade)
 
         mode = "services" if services_url else "embedded"
-        meta = collecting.collect_meta(dataset, params, engines, mode)
+        meta = collecting.collect_meta(dataset, params, engines, mode, task)
         summary = collecting.collect(items, out, params, collect_one, meta, workers, bar)
     except (CollectError, TrainingError) as error:
         raise ClassifierCommandError(str(error)) from None
@@ -153,6 +165,35 @@ def collect(
         f"{summary.collected} questions collected now, {summary.done_before} before, "
         f"{summary.total} asked: {summary.path}"
     )
+
+
+def _code_grade() -> Grade:
+    """Labels for code stages: the answer run against the problem's tests in a sandbox, at
+    most TANDEM_GRADER_WORKERS at once (the sandbox is checked here, before any model work)."""
+    import threading
+
+    from services.grading.humaneval import Grader, Problem
+    from services.grading.sandbox import SandboxUnavailable, limits_from_settings
+    from services.settings import get_settings
+
+    settings = get_settings()
+    try:
+        grader = Grader(
+            limits_from_settings(settings), settings.grader_workers or None, settings.grader_python
+        )
+    except SandboxUnavailable as error:
+        raise ClassifierCommandError(f"code answers cannot be graded here: {error}") from None
+    slots = threading.BoundedSemaphore(grader.workers)
+
+    def grade(item: Item, candidate: str) -> tuple[bool, dict[str, Any]]:
+        with slots:
+            result = grader.grade(Problem(**(item.problem or {})), candidate)
+        return result.verdict == "passed", {
+            "verdict": result.verdict,
+            "grade_reason": result.reason,
+        }
+
+    return grade
 
 
 class _ProgressBar:
@@ -212,7 +253,11 @@ def train(data: Path, out: Path, folds: int, seed: int, as_json: bool) -> None:
     click.echo(f"report:   {report_path(out)}")
 
 
-@classifier.command(help="Report a trained cascade on data it was not trained on.")
+@classifier.command(
+    help="Report a trained cascade on data it was not trained on (another dataset or task: "
+    "a classifier trained on GSM8K over HumanEval samples is the math-to-code transfer), "
+    "per operating point against the fixed stages and the oracle."
+)
 @click.option("--artifact", type=click.Path(path_type=Path), required=True)
 @click.option("--data", type=click.Path(exists=True, path_type=Path), required=True)
 @click.option(
@@ -226,12 +271,33 @@ def evaluate(artifact: Path, data: Path, out: Path | None, as_json: bool) -> Non
 
     loaded = load_artifact(artifact)
     try:
-        report = evaluate_on(loaded, load_samples(data))
+        samples = load_samples(data)
+        report = evaluate_on(loaded, samples)
     except TrainingError as error:
         raise ClassifierCommandError(str(error)) from None
+    report["transfer"] = _transfer(loaded.manifest, samples.meta)
+    if not as_json:
+        click.echo(_transfer_line(report["transfer"]))
     _print_report(report, as_json)
     if out:
         write_report(out, report)
+
+
+def _transfer(manifest: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Which task and dataset the artifact was trained on, and which the data comes from
+    (artifacts and collections made before tasks existed are math)."""
+    provenance = manifest.get("provenance") or {}
+    return {
+        "trained_on": {"task": provenance.get("task", "math"), "dataset": provenance.get("dataset")},
+        "evaluated_on": {"task": meta.get("task", "math"), "dataset": meta.get("dataset")},
+    }
+
+
+def _transfer_line(transfer: dict[str, Any]) -> str:
+    def name(side: dict[str, Any]) -> str:
+        return f"{side['task']} ({Path(side['dataset']).name if side['dataset'] else '?'})"
+
+    return f"trained on {name(transfer['trained_on'])}, evaluated on {name(transfer['evaluated_on'])}"
 
 
 @classifier.command(help="Show an artifact's manifest (checked against this code).")

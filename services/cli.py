@@ -51,6 +51,7 @@ def _request_from_options(
     preference: str | None,
     params_json: str | None,
     settings: Settings,
+    task: str | None = None,
 ) -> JobRequest:
     params: dict[str, Any] = {}
     if params_json:
@@ -72,6 +73,8 @@ def _request_from_options(
             params["cost_preference"] = float(preference)
         except ValueError:
             params["cost_preference"] = preference
+    if task is not None:
+        params["task"] = task
     data = {"question": question, "strategy": strategy, "params": params}
     return parse_job_request(data, settings.max_question_chars)
 
@@ -84,6 +87,12 @@ def _request_from_options(
     show_default=True,
     help="tandem | llm_only | slm_only | fixed:N | scot | relay",
 )
+@click.option(
+    "--task",
+    type=click.Choice(["math", "code", "text"]),
+    help="What the answer is: math (\\boxed{}, the default), code (one Python function: "
+    "the question is its signature and docstring; entry_point via --params), text (free form)",
+)
 @click.option("--budgets", help="Coordinator token budgets per stage, e.g. 0,100,500,1000")
 @click.option("--cost-preference", "preference", help="quality | balanced | economy | a lambda")
 @click.option("--params", "params_json", help="Job params as a JSON object")
@@ -92,6 +101,7 @@ def _request_from_options(
 def run(
     question: str,
     strategy: str,
+    task: str | None,
     budgets: str | None,
     preference: str | None,
     params_json: str | None,
@@ -103,7 +113,9 @@ def run(
     from services.embedded import Recorder
 
     settings = get_settings()
-    request = _request_from_options(question, strategy, budgets, preference, params_json, settings)
+    request = _request_from_options(
+        question, strategy, budgets, preference, params_json, settings, task
+    )
     engines = Engines(settings)
     recorder = None if no_record else Recorder(settings.database_url, request)
     try:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from services.client import APIError, TandemClient
-from services.core.classifier.collect import CollectError, Item, line_from_fixed_jobs
+from services.core.classifier.collect import CollectError, Grade, Item, line_from_fixed_jobs
 from services.core.engines import Engines
 from services.core.params import JobParams
 
@@ -33,8 +33,10 @@ class ServicesCollector:
         poll_s: float = 1.0,
         timeout_s: float = 3600.0,
         transport: httpx.BaseTransport | None = None,
+        grade: Grade | None = None,
     ) -> None:
         self.engines = engines
+        self.grade = grade  # labels code items (sandboxed, in this process)
         self.poll_s = poll_s
         self.timeout_s = timeout_s
         self.api = TandemClient(url, key, timeout=60.0, transport=transport)
@@ -44,7 +46,7 @@ class ServicesCollector:
 
     def collect_question(self, item: Item, params: JobParams) -> dict[str, Any]:
         return line_from_fixed_jobs(
-            self.engines, item, params, lambda budget: self._run(item, params, budget)
+            self.engines, item, params, lambda budget: self._run(item, params, budget), self.grade
         )
 
     def _run(self, item: Item, params: JobParams, budget: int) -> dict[str, Any]:
@@ -57,6 +59,7 @@ class ServicesCollector:
             "temperature": params.temperature,
             "top_p": params.top_p,
             "seed": params.seed,
+            **item.job_params,  # a code item: task and entry point
         }
         try:
             job = self.api.submit_job(item.question, f"fixed:{budget}", job_params, key[:200])

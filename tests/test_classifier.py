@@ -28,6 +28,7 @@ from services.core.prompts import classifier_text
 from services.core.requests import JobRequest
 from services.core.sufficiency import FEATURE_NAMES, features_from_scoring
 from services.settings import Settings
+from tests.code_problems import PROBLEMS, write_problems
 
 TEXT = classifier_text(
     "A baker has 3 trays of 12 rolls and sells 20 rolls. How many rolls are left?",
@@ -715,3 +716,150 @@ def test_torch_scoring_matches_llama_cpp(engines: Engines, model_path: Path) -> 
             backend.generate(None)  # type: ignore[arg-type]
     finally:
         backend.close()
+
+
+# ------------------------------------------------------------------ code: labels by the grader
+
+def humaneval_file(tmp_path: Path, n: int) -> Path:
+    return write_problems(tmp_path / "code.jsonl", n)
+
+
+@pytest.fixture(scope="module")
+def code_grade():
+    """The CLI's labelling function (a real bubblewrap sandbox); skips where bwrap is not
+    installed, like the grader's own tests."""
+    from services.classifier_cli import _code_grade
+    from services.grading.sandbox import SandboxUnavailable, find_bwrap
+
+    try:
+        find_bwrap()
+    except SandboxUnavailable as error:
+        pytest.skip(f"bubblewrap is not installed: run scripts/install_test_deps.sh ({error})")
+    return _code_grade()
+
+
+def test_read_dataset_of_code_problems(tmp_path: Path) -> None:
+    items = collecting.read_dataset(humaneval_file(tmp_path, 3))
+    assert [i.qid for i in items] == ["Own/0", "Own/1", "Own/2"]
+    assert {i.task for i in items} == {"code"} and items[0].reference is None
+    assert items[0].job_params == {"task": "code", "entry_point": "has_pair_with_sum"}
+    assert collecting.dataset_task(items) == "code"
+    params = collecting.item_params(items[0], JobParams(budgets=BUDGETS))
+    assert (params.task, params.entry_point, params.budgets) == ("code", "has_pair_with_sum", BUDGETS)
+    math_item = collecting.Item("q", 0, "What is 2 + 3?", "5")
+    assert collecting.item_params(math_item, JobParams()) == JobParams()  # math: unchanged
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(PROBLEMS[0]) + "\n" + json.dumps(QUESTIONS[0]) + "\n")
+    with pytest.raises(collecting.CollectError, match="line 2: not a HumanEval problem"):
+        collecting.read_dataset(mixed)
+
+
+def test_code_stages_are_labelled_by_the_sandboxed_grader(tmp_path: Path, code_grade) -> None:
+    item = collecting.read_dataset(humaneval_file(tmp_path, 1))[0]
+    params = collecting.item_params(item, JobParams(budgets=BUDGETS))
+    solution = item.problem["prompt"] + PROBLEMS[0]["canonical_solution"]
+    right = collecting.label(item, params, f"Here it is:\n```python\n{solution}```", code_grade)
+    assert right["correct"] is True and right["verdict"] == "passed"
+    assert right["answer"].startswith("from typing import List\n\ndef has_pair_with_sum(")
+    wrong = "```python\ndef has_pair_with_sum(numbers, target):\n    return True\n```"
+    failed = collecting.label(item, params, wrong, code_grade)
+    assert failed["correct"] is False and failed["verdict"] == "failed"
+    assert failed["grade_reason"].startswith("AssertionError")
+    none = collecting.label(item, params, "no idea", code_grade)
+    assert none["answer"] is None and none["verdict"] == "error" and not none["correct"]
+    assert none["extraction"] == "has_pair_with_sum: no function named has_pair_with_sum in the reply"
+    with pytest.raises(collecting.CollectError, match="labelled by the sandboxed grader"):
+        collecting.label(item, params, wrong, None)
+
+
+def test_evaluate_reports_the_transfer_from_math_to_code(artifact: Path, tmp_path: Path) -> None:
+    """A classifier trained on one task, evaluated on another's samples: the cascade per
+    operating point against the fixed stages and the oracle, with both tasks named."""
+    from click.testing import CliRunner
+
+    from services.cli import cli
+
+    data = write_samples(tmp_path / "code", synthetic_lines(20, BUDGETS, seed=3))
+    meta = json.loads((data / samples_io.META_FILE).read_text())
+    meta |= {"task": "code", "dataset": "/data/humaneval.jsonl"}
+    (data / samples_io.META_FILE).write_text(json.dumps(meta))
+    out = tmp_path / "transfer.json"
+    args = ["classifier", "evaluate", "--artifact", str(artifact), "--data", str(data)]
+    shown = CliRunner().invoke(cli, [*args, "--out", str(out)])
+    assert shown.exit_code == 0, shown.output
+    assert "trained on math (?), evaluated on code (humaneval.jsonl)" in shown.output
+    report = json.loads(out.read_text())
+    assert report["transfer"]["evaluated_on"] == {"task": "code", "dataset": "/data/humaneval.jsonl"}
+    policies = [row["policy"] for row in report["rows"]]
+    assert [p for p in policies if p.startswith("fixed stage")] == [
+        f"fixed stage {s} ({b} tok)" for s, b in enumerate(BUDGETS)
+    ]
+    assert any(p.startswith("oracle") for p in policies)
+    assert sum(p.startswith("cascade") for p in policies) == len(cascade.LAMBDA_FRACTIONS)
+
+
+@pytest.mark.model
+def test_collect_command_on_code_problems(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code_grade
+) -> None:
+    from click.testing import CliRunner
+
+    from services.cli import cli
+    from services.settings import get_settings
+
+    dataset = humaneval_file(tmp_path, 2)
+    monkeypatch.setenv("TANDEM_LOCAL_THREADS", "1")
+    monkeypatch.setenv("TANDEM_LOCAL_MAX_BATCH", "4")
+    monkeypatch.setenv("TANDEM_GRADER_TIMEOUT_S", "5")
+    get_settings.cache_clear()
+    out = tmp_path / "c"
+    args = ["classifier", "collect", "--dataset", str(dataset), "--out", str(out)]
+    args += ["--budgets", "0,8", "--executor-max-tokens", "24", "--no-progress", "--workers", "2"]
+    try:
+        done = CliRunner().invoke(cli, args)
+        assert done.exit_code == 0, done.output
+        lines = [json.loads(x) for x in (out / samples_io.SAMPLES_FILE).read_text().splitlines()]
+        assert sorted(ln["id"] for ln in lines) == ["Own/0", "Own/1"]
+        for line in lines:
+            assert line["task"] == "code" and line["reference"] is None
+            for stage in line["stages"]:
+                assert stage["verdict"] in {"passed", "failed", "timeout", "error"}, stage
+                assert stage["correct"] == (stage["verdict"] == "passed")
+                assert stage["extraction"].split(": ")[0] in {"has_pair_with_sum", "count_vowels"}
+                assert len(stage["features"]) == 25
+        meta = json.loads((out / samples_io.META_FILE).read_text())
+        assert meta["task"] == "code"
+        # the same folder does not take math questions
+        math = tmp_path / "math.jsonl"
+        math.write_text("".join(json.dumps(r) + "\n" for r in QUESTIONS))
+        bad = CliRunner().invoke(cli, ["classifier", "collect", "--dataset", str(math), "--out",
+                                       str(out), "--budgets", "0,8", "--executor-max-tokens", "24"])  # fmt: skip
+        assert bad.exit_code != 0 and "task 'code' (now 'math')" in bad.output
+    finally:
+        get_settings.cache_clear()
+
+
+def test_services_collection_sends_code_jobs(tmp_path: Path) -> None:
+    """Through a deployment, a code item's fixed:B jobs carry its task and entry point."""
+    import httpx
+
+    item = collecting.read_dataset(humaneval_file(tmp_path, 1))[0]
+    posted: list[dict[str, Any]] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            posted.append(json.loads(request.content))
+            return httpx.Response(202, json={"id": "j1", "status": "queued"})
+        return httpx.Response(200, json={"id": "j1", "status": "succeeded", "stages": []})
+
+    collector = collect_remote.ServicesCollector(
+        "http://api", "k", engines=None, poll_s=0.0, transport=httpx.MockTransport(api)  # type: ignore[arg-type]
+    )
+    try:
+        collector._run(item, JobParams(budgets=BUDGETS, executor_max_tokens=8), 8)
+    finally:
+        collector.close()
+    [body] = posted
+    assert body["strategy"] == "fixed:8" and body["question"] == item.question
+    assert body["params"]["task"] == "code"
+    assert body["params"]["entry_point"] == "has_pair_with_sum"

@@ -23,6 +23,7 @@ from services.evaluation.harness import (
     run_evaluation,
 )
 from services.evaluation.metrics import pareto_front, wilson_interval
+from tests.code_problems import ENTRY_POINTS, PROBLEMS, write_problems
 
 GSM8K_LINES = [
     {
@@ -120,7 +121,8 @@ def assert_summary_matches_rows(out: Path, labels: list[str]) -> None:
         else:
             assert got["saving_vs_baseline"] == pytest.approx(want["saving"], abs=1e-9)
         cells = table[label]
-        accuracy, low, high = re.findall(r"[-\d.]+%", cells["accuracy [95% CI]"])
+        metric = cells.get("accuracy [95% CI]") or cells["pass@1 [95% CI]"]  # code: pass@1
+        accuracy, low, high = re.findall(r"[-\d.]+%", metric)
         for cell, value in ((accuracy, want["accuracy"]), (low, want["ci_low"]),
                             (high, want["ci_high"])):  # fmt: skip
             assert percent(cell) == pytest.approx(value, abs=0.0005 + 1e-9)
@@ -392,3 +394,196 @@ def test_error_rows_count_as_wrong_and_can_be_retried(dataset: Path, tmp_path: P
     [entry] = again.summary["strategies"]
     assert (entry["n"], entry["correct"], entry["errors"]) == (3, 3, 0)
     assert len(read_rows(tmp_path)) == 3
+
+
+# --- code: HumanEval problems, answers graded in the sandbox --------------------------------
+
+CODE_PARAMS = {"budgets": [0, 8], "executor_max_tokens": 24, "llm_max_tokens": 24}
+
+
+@pytest.fixture
+def code_dataset(tmp_path: Path) -> Path:
+    return write_problems(tmp_path / "code3.jsonl")
+
+
+@pytest.fixture(scope="module")
+def grader():
+    from services.grading.humaneval import Grader
+    from services.grading.sandbox import SandboxLimits, SandboxUnavailable, find_bwrap
+
+    try:
+        find_bwrap()
+    except SandboxUnavailable as error:
+        pytest.skip(f"bubblewrap is not installed: run scripts/install_test_deps.sh ({error})")
+    return Grader(SandboxLimits(timeout_s=5.0), workers=2)
+
+
+def test_humaneval_datasets_make_code_jobs(code_dataset: Path, tmp_path: Path) -> None:
+    from services.evaluation.harness import with_dataset_task
+
+    questions = load_questions(code_dataset)
+    assert [q.id for q in questions] == ["Own/0", "Own/1", "Own/2"]
+    assert {q.task for q in questions} == {"code"} and questions[0].reference is None
+    assert questions[0].text == PROBLEMS[0]["prompt"]
+    assert questions[0].job_params == {"entry_point": "has_pair_with_sum"}
+    assert len(load_questions(code_dataset, limit=2)) == 2
+    params = with_dataset_task({"budgets": [0, 8]}, questions)
+    assert params == {"budgets": [0, 8], "task": "code"}
+    assert parse_strategies("slm_only", params)[0].params == {"budgets": [0, 8], "task": "code"}
+    with pytest.raises(EvaluationError, match="holds code questions, but the params ask for task 'math'"):
+        with_dataset_task({"task": "math"}, questions)
+    with pytest.raises(EvaluationError, match="entry_point comes from each problem"):
+        with_dataset_task({"entry_point": "f"}, questions)
+    gsm = [Question(0, "q", "1 + 1?", "2")]
+    assert with_dataset_task({}, gsm) == {}  # math params stay as they were
+    with pytest.raises(EvaluationError, match="holds math questions"):
+        with_dataset_task({"task": "code"}, gsm)
+    # specs of another task are refused before any job runs
+    with pytest.raises(EvaluationError, match="runs task 'math' on code questions"):
+        run_evaluation(questions, parse_strategies("slm_only"), ScriptedRunner({}), tmp_path)
+    # a file mixing the two formats is refused, by file and line
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(PROBLEMS[0]) + "\n" + json.dumps(GSM8K_LINES[0]) + "\n")
+    with pytest.raises(EvaluationError, match=r"mixed.jsonl:2: missing fields"):
+        load_questions(mixed)
+
+
+def test_the_test_problems_are_sound(code_dataset: Path, grader) -> None:
+    """Each test problem's canonical solution passes its tests in the sandbox."""
+    grades = list(grader.grade_many((q.problem, None) for q in load_questions(code_dataset)))
+    assert [g.verdict for g in grades] == ["passed"] * len(PROBLEMS), [g.reason for g in grades]
+
+
+class CodeRunner(ScriptedRunner):
+    """Code answers from a script: (label, question index) -> (answer, final text) or an
+    error string."""
+
+    def __init__(self, replies: dict[tuple[str, int], Any]) -> None:
+        super().__init__({})
+        self.replies = replies
+
+    def run(self, spec: StrategySpec, question: Question) -> JobRun:
+        reply = self.replies.get((spec.label, question.index), (None, ""))
+        if isinstance(reply, str):
+            return JobRun({}, 0.5, error=reply)
+        run = super().run(spec, question)
+        run.job["answer"], run.job["final_text"] = reply
+        return run
+
+
+def test_code_answers_are_graded_in_the_sandbox(code_dataset: Path, tmp_path: Path, grader) -> None:
+    questions = load_questions(code_dataset)
+    canonical = [q.problem.prompt + q.problem.canonical_solution for q in questions]
+    wrong = "def has_pair_with_sum(numbers, target):\n    return False\n"
+    replies = {
+        ("llm_only", 0): (canonical[0], "..."),  # the right function: passed
+        ("llm_only", 1): (None, questions[1].problem.canonical_solution),  # a body: graded too
+        ("llm_only", 2): (None, "I do not know."),  # no function: error
+        ("slm_only", 0): (wrong, "..."),  # a wrong function: failed
+        ("slm_only", 1): "context overflow",  # the job failed: not graded
+        ("slm_only", 2): ("def digit_sum(n):\n    while True:\n        pass\n", ""),
+    }
+    specs = parse_strategies("llm_only,slm_only", {"task": "code"})
+    out = tmp_path / "out"
+    result = run_evaluation(
+        questions, specs, CodeRunner(replies), out, dataset="he", progress=False, grader=grader
+    )
+    rows = {(r["strategy"], r["question_index"]): r for r in read_rows(out)}
+    verdicts = {key: row["verdict"] for key, row in rows.items()}
+    assert verdicts == {
+        ("llm_only", 0): "passed",
+        ("llm_only", 1): "passed",
+        ("llm_only", 2): "error",
+        ("slm_only", 0): "failed",
+        ("slm_only", 1): None,
+        ("slm_only", 2): "timeout",
+    }
+    assert [row["correct"] for row in rows.values()].count(True) == 2
+    assert rows[("slm_only", 0)]["grade_reason"].startswith("AssertionError")
+    assert "no function named digit_sum" in rows[("llm_only", 2)]["grade_reason"]
+    assert all(row["task"] == "code" and row["params"] == {"task": "code"} for row in rows.values())
+    assert_summary_matches_rows(out, ["llm_only", "slm_only"])
+    summary = {e["label"]: e for e in result.summary["strategies"]}
+    assert result.summary["metric"] == "pass@1" and result.summary["task"] == "code"
+    assert summary["llm_only"]["verdicts"] == {"passed": 2, "error": 1}
+    assert summary["slm_only"]["verdicts"] == {"failed": 1, "timeout": 1, "not graded": 1}
+    table = (out / "table.md").read_text()
+    assert "# Evaluation: pass@1 against cost" in table and "| pass@1 [95% CI] |" in table
+    assert "Verdicts: llm_only 2 passed, 1 error; slm_only 1 failed, 1 timeout, 1 not graded." in table
+    assert table_cells(out)["llm_only"]["pass@1 [95% CI]"].startswith("66.7%")
+
+
+@pytest.mark.model
+def test_eval_on_humaneval_embedded_grades_every_answer(
+    code_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, grader
+) -> None:
+    from click.testing import CliRunner
+
+    from services.cli import cli
+    from services.settings import get_settings
+
+    monkeypatch.setenv("TANDEM_LOCAL_THREADS", "1")
+    monkeypatch.setenv("TANDEM_LOCAL_MAX_BATCH", "4")
+    monkeypatch.setenv("TANDEM_GRADER_TIMEOUT_S", "5")
+    get_settings.cache_clear()
+    out = tmp_path / "out"
+    labels = ["tandem", "slm_only"]
+    argv = [
+        "eval", "--dataset", str(code_dataset), "--strategies", ",".join(labels),
+        "--params", json.dumps(CODE_PARAMS), "--out", str(out), "--no-progress",
+    ]  # fmt: skip
+    try:
+        done = CliRunner().invoke(cli, argv, catch_exceptions=False)
+    finally:
+        get_settings.cache_clear()
+    assert done.exit_code == 0, done.output
+    assert "ran 6 job(s)" in done.output and "| pass@1 [95% CI] |" in done.output
+    rows = read_rows(out)
+    assert len(rows) == 6 and {r["question_id"] for r in rows} == {f"Own/{i}" for i in range(3)}
+    entry = dict(zip([p["task_id"] for p in PROBLEMS], ENTRY_POINTS, strict=True))
+    for row in rows:
+        assert row["task"] == "code" and row["params"]["task"] == "code" and row["error"] is None
+        assert row["verdict"] in {"passed", "failed", "timeout", "error"}, row
+        assert row["correct"] == (row["verdict"] == "passed")
+        assert row["verdict"] == "passed" or row["grade_reason"], row  # a reason when not passed
+        # every code job says which function it looked for and what it found
+        assert row["outcome"]["extraction"].startswith(f"{entry[row['question_id']]}: ")
+        if row["answer"] is not None:  # the extracted function itself ran against the tests
+            assert row["verdict"] in {"passed", "failed", "timeout"}, row
+    assert_summary_matches_rows(out, labels)
+
+
+@pytest.mark.slow
+@pytest.mark.model
+def test_eval_on_humaneval_through_the_services(
+    code_dataset: Path, tmp_path: Path, service_env: dict[str, str], api_key: str, grader
+) -> None:
+    """Jobs run by the API and the workers; their answers are graded here, in the eval
+    process (the services never run code)."""
+    from click.testing import CliRunner
+
+    from services.cli import cli
+    from tests import infra
+
+    processes = infra.Processes({**service_env, "TANDEM_LOCAL_THREADS": "1"}, tmp_path)
+    port = infra.free_port()
+    out = tmp_path / "out"
+    argv = [
+        "eval", "--dataset", str(code_dataset), "--limit", "2", "--strategies", "fixed:8",
+        "--params", json.dumps(CODE_PARAMS), "--out", str(out), "--no-progress",
+        "--services", f"http://127.0.0.1:{port}", "--key", api_key,
+    ]  # fmt: skip
+    try:
+        for queue in ("coordinator", "executor"):
+            processes.worker(queue)
+        processes.api(port)
+        done = CliRunner().invoke(cli, argv, catch_exceptions=False)
+        assert done.exit_code == 0, done.output
+    finally:
+        processes.stop_all()
+    rows = read_rows(out)
+    assert len(rows) == 2 and all(row["job_id"].startswith("job_") for row in rows)
+    for row in rows:
+        assert row["error"] is None and row["verdict"] in {"passed", "failed", "timeout", "error"}
+        assert "extraction" in row["outcome"]
+    assert_summary_matches_rows(out, ["fixed:8"])

@@ -5,9 +5,10 @@ into the `JobRequest` that the CLI, the REST API and batch lines all build."""
 from __future__ import annotations
 
 import itertools
+import keyword
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.core.sufficiency import PRESETS
 
@@ -43,6 +44,11 @@ class JobParams(BaseModel):
     relay_turns: Annotated[int, Field(ge=1, le=64)] = 5
     relay_call_tokens: TokenCount = 16
     relay_entropy_threshold: Annotated[float, Field(gt=0, le=20)] = 2.5
+    # What kind of answer the job wants (services/core/tasks.py): `math` (a \boxed{} answer),
+    # `code` (one Python function; `entry_point` names it, else the question's last `def`)
+    # or `text` (free-form: the final text is the answer).
+    task: Literal["math", "code", "text"] = "math"
+    entry_point: Annotated[str, Field(min_length=1, max_length=200)] | None = None
 
     @field_validator("budgets")
     @classmethod
@@ -52,6 +58,21 @@ class JobParams(BaseModel):
         if any(later <= earlier for earlier, later in itertools.pairwise(budgets)):
             raise ValueError("budgets must be strictly increasing, e.g. [0, 100, 500, 1000]")
         return budgets
+
+    @field_validator("entry_point")
+    @classmethod
+    def _entry_point_identifier(cls, entry_point: str | None) -> str | None:
+        if entry_point is not None and (
+            not entry_point.isidentifier() or keyword.iskeyword(entry_point)
+        ):
+            raise ValueError(f"{entry_point!r} is not a Python function name")
+        return entry_point
+
+    @model_validator(mode="after")
+    def _entry_point_for_code(self) -> JobParams:
+        if self.entry_point is not None and self.task != "code":
+            raise ValueError(f"entry_point is for task 'code' (this job's task is {self.task!r})")
+        return self
 
 
 __all__ = ["MAX_STAGES", "MAX_TOKENS_LIMIT", "PRESETS", "JobParams"]

@@ -1,4 +1,4 @@
-"""`tandem eval`: strategies on a dataset, accuracy against cost."""
+"""`tandem eval`: strategies on a dataset, accuracy (pass@1 for code) against cost."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from services.evaluation.harness import (
     load_questions,
     parse_strategies,
     run_evaluation,
+    with_dataset_task,
 )
 
 
@@ -29,14 +30,17 @@ def register(cli: click.Group) -> None:
     help=(
         "Run each strategy on the same questions, check the answers and write results.jsonl, "
         "summary.json, table.md and pareto.png. Resumable: rows already in results.jsonl "
-        "are kept. A strategy may name a Tandem operating point: tandem@economy, tandem@0.5."
+        "are kept. A strategy may name a Tandem operating point: tandem@economy, tandem@0.5. "
+        "On a HumanEval file every job is a code job (task and entry_point set per problem) "
+        "and its answer is graded here in a sandbox (TANDEM_GRADER_*): pass@1."
     ),
 )
 @click.option(
     "--dataset",
     required=True,
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="JSONL in GSM8K (question, answer with ####) or MATH (question, answer, ...) form",
+    help="JSONL in GSM8K (question, answer with ####), MATH (question, answer, ...) or "
+    "HumanEval (task_id, prompt, entry_point, test: code, graded in a sandbox) form",
 )
 @click.option(
     "--strategies",
@@ -86,8 +90,8 @@ def evaluate(
 ) -> None:
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # one-off timeout notices
     try:
-        specs = parse_strategies(strategies, _params(params_json))
         questions = load_questions(dataset, limit)
+        specs = parse_strategies(strategies, with_dataset_task(_params(params_json), questions))
         out_dir = out_dir or Path("eval-out") / dataset.stem
         runner = _runner(services_url, key, concurrency, out_dir)
     except EvaluationError as error:

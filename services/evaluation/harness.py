@@ -1,5 +1,10 @@
 """The evaluation harness: every strategy on the same questions, one result row each.
 
+Datasets: GSM8K and MATH lines (math questions, checked against the gold answer), or
+HumanEval's own format (`task_id`, `prompt`, `entry_point`, `test`, `canonical_solution`:
+code problems; every job runs with `task: code` and the problem's `entry_point`, and its
+answer is graded in a sandbox by this process, `checks.py`).
+
 Rows go to `results.jsonl` as they finish (each appended durably, `services.jsonl`), so a
 run that stops can be resumed: pairs (strategy label, question id) already there are
 skipped. Jobs run either in this process (`EmbeddedRunner`: `run_job` from a thread pool,
@@ -18,13 +23,17 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from services import jsonl
 from services.client import APIError, TandemClient
-from services.core.answers import is_correct, reference_answer
+from services.core.answers import reference_answer
 from services.core.params import PRESETS
 from services.core.requests import InvalidRequest, parse_job_request
+from services.evaluation.checks import AnswerChecker
+
+if TYPE_CHECKING:
+    from services.grading.humaneval import Grader
 
 RESULTS_FILE = "results.jsonl"
 _VALIDATION_QUESTION = "1 + 1 = ?"
@@ -42,18 +51,31 @@ class Question:
     index: int
     id: str
     text: str
-    reference: str
+    reference: str | None  # math: the gold answer; code: None (the tests decide)
     level: str | None = None
+    task: str = "math"  # "math" or "code"
+    problem: Any = None  # code: the services.grading Problem its answer is graded against
+
+    @property
+    def job_params(self) -> dict[str, Any]:
+        """Params this question adds to every job of it (code: the function's name)."""
+        return {"entry_point": self.problem.entry_point} if self.task == "code" else {}
+
+
+HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
 
 
 def load_questions(path: Path, limit: int | None = None) -> list[Question]:
-    """GSM8K lines (`question`, `answer` ending `#### n`) or MATH lines (`question` or
-    `problem`, `answer`, `solution`, `level`, `unique_id`), in file order."""
+    """GSM8K lines (`question`, `answer` ending `#### n`), MATH lines (`question` or
+    `problem`, `answer`, `solution`, `level`, `unique_id`), or HumanEval lines (code), in
+    file order. The first line decides the format; a file mixing them is refused."""
     questions: list[Question] = []
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as error:
         raise EvaluationError(f"cannot read dataset {path}: {error.strerror}") from None
+    if _is_humaneval(next((line for line in lines if line.strip()), "")):
+        return _code_questions(path, limit)
     for number, line in enumerate(lines, start=1):
         if limit is not None and len(questions) >= limit:
             break
@@ -73,13 +95,69 @@ def _question(path: Path, number: int, line: str, index: int) -> Question:
         raise EvaluationError(f"{path}:{number}: expected a JSON object")
     text = record.get("question") or record.get("problem")
     if not isinstance(text, str) or not text.strip() or "answer" not in record:
-        raise EvaluationError(f"{path}:{number}: needs 'question' (or 'problem') and 'answer'")
+        raise EvaluationError(
+            f"{path}:{number}: needs 'question' (or 'problem') and 'answer' (or, for code, "
+            f"HumanEval's {', '.join(HUMANEVAL_FIELDS)})"
+        )
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
     qid = str(record.get("unique_id") or record.get("id") or f"{index}-{digest}")
     level = record.get("level")
     return Question(
         index, qid, text, reference_answer(record), None if level is None else str(level)
     )
+
+
+def _is_humaneval(line: str) -> bool:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and all(name in record for name in HUMANEVAL_FIELDS)
+
+
+def _code_questions(path: Path, limit: int | None) -> list[Question]:
+    from services.grading.humaneval import DatasetError, load_problems
+
+    try:
+        problems = load_problems(path)
+    except DatasetError as error:
+        raise EvaluationError(f"{error} (the file's first line is a HumanEval problem)") from None
+    return [
+        Question(index, problem.task_id, problem.prompt, None, task="code", problem=problem)
+        for index, problem in enumerate(problems[:limit] if limit else problems)
+    ]
+
+
+def dataset_task(questions: Sequence[Question]) -> str:
+    return questions[0].task if questions else "math"
+
+
+def with_dataset_task(params: dict[str, Any], questions: Sequence[Question]) -> dict[str, Any]:
+    """The job params for this dataset: `task` set from its questions (code for HumanEval);
+    a different `task` in the given params, or an `entry_point` (it comes from each
+    problem), is refused."""
+    task = dataset_task(questions)
+    given = params.get("task", task)
+    if given != task:
+        raise EvaluationError(
+            f"the dataset holds {task} questions, but the params ask for task {given!r}: "
+            f"leave task out (it follows the dataset) or set it to {task!r}"
+        )
+    if "entry_point" in params:
+        raise EvaluationError("entry_point comes from each problem: leave it out of the params")
+    return {**params, "task": task} if task != "math" else dict(params)
+
+
+def check_tasks(specs: Sequence[StrategySpec], questions: Sequence[Question]) -> None:
+    """Every strategy's task must be the dataset's (a code answer is graded, a math one
+    compared)."""
+    task = dataset_task(questions)
+    for spec in specs:
+        if spec.params.get("task", "math") != task:
+            raise EvaluationError(
+                f"strategy {spec.label!r} runs task {spec.params.get('task', 'math')!r} on "
+                f"{task} questions: build the specs with with_dataset_task(params, questions)"
+            )
 
 
 # --- strategies -----------------------------------------------------------------------
@@ -167,7 +245,7 @@ class EmbeddedRunner:
 
         for spec in specs:
             try:
-                program_for(self._request(spec, _VALIDATION_QUESTION))
+                program_for(self._request(spec, _VALIDATION_QUESTION, {}))
             except ValueError as error:
                 raise EvaluationError(f"strategy {spec.label!r}: {error}") from None
 
@@ -177,7 +255,7 @@ class EmbeddedRunner:
         from services.core.backends.base import BackendError, ConfigurationError, ModelLoadError
         from services.core.runner import run_job
 
-        request = self._request(spec, question.text)
+        request = self._request(spec, question.text, question.job_params)
         started = time.perf_counter()
         try:
             result = run_job(request, self.engines)
@@ -190,8 +268,8 @@ class EmbeddedRunner:
     def close(self) -> None:
         self.engines.close()
 
-    def _request(self, spec: StrategySpec, text: str):
-        data = {"question": text, "strategy": spec.strategy, "params": spec.params}
+    def _request(self, spec: StrategySpec, text: str, extra: dict[str, Any]):
+        data = {"question": text, "strategy": spec.strategy, "params": spec.params | extra}
         return parse_job_request(data, max_question_chars=max(len(text), 1))
 
 
@@ -215,7 +293,8 @@ class ServiceRunner:
     def run(self, spec: StrategySpec, question: Question) -> JobRun:
         key = _idempotency_key(self.run_tag, spec, question)
         try:
-            job = self.api.submit_job(question.text, spec.strategy, spec.params, key)
+            params = spec.params | question.job_params
+            job = self.api.submit_job(question.text, spec.strategy, params, key)
         except APIError as error:
             raise EvaluationError(f"the service refused a job: {error}") from None
         try:
@@ -244,7 +323,11 @@ def _idempotency_key(run_tag: str, spec: StrategySpec, question: Question) -> st
 # --- rows -----------------------------------------------------------------------------
 
 
-def make_row(spec: StrategySpec, question: Question, run: JobRun) -> dict[str, Any]:
+def make_row(
+    spec: StrategySpec, question: Question, run: JobRun, checker: AnswerChecker | None = None
+) -> dict[str, Any]:
+    """The result row of one job, its answer checked (graded in a sandbox for code)."""
+    checked = (checker or AnswerChecker()).check(question, run.job, run.error)
     job = run.job
     cost = job.get("cost") or {}
     answer = job.get("answer")
@@ -257,9 +340,10 @@ def make_row(spec: StrategySpec, question: Question, run: JobRun) -> dict[str, A
         "question_index": question.index,
         "level": question.level,
         "job_id": run.job_id,
+        "task": question.task,
         "reference": question.reference,
         "answer": answer,
-        "correct": run.error is None and is_correct(answer, question.reference),
+        **checked,
         "error": run.error,
         "cost": {name: cost.get(name, 0) for name in COST_FIELDS},
         "generated_by_role": dict(cost.get("generated_by_role") or {}),
@@ -365,13 +449,17 @@ def run_evaluation(
     baseline: str = "llm_only",
     progress: bool = True,
     retry_errors: bool = False,
+    grader: Grader | None = None,
 ) -> Evaluation:
     """Run the missing (strategy, question) pairs, then write summary.json, table.md and
     pareto.png for the whole selection (rows from earlier runs included). With
-    `retry_errors`, rows of the selection that ended in an error are run again."""
+    `retry_errors`, rows of the selection that ended in an error are run again. Code
+    answers are graded by `grader` (default: one from the TANDEM_GRADER_* settings, built
+    before any job runs, so a host that cannot sandbox fails first)."""
     from services.evaluation import report
     from services.evaluation.metrics import summarize
 
+    check_tasks(specs, questions)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(out_dir / RESULTS_FILE)
     done = results.load()
@@ -384,16 +472,41 @@ def run_evaluation(
             done = results.load()
     pending = [(s, q) for q in questions for s in specs if (s.label, q.id) not in done]
     total = len(questions) * len(specs)
-    _run_pending(pending, runner, results, total - len(pending), total, progress)
+    checker = AnswerChecker(_grader(grader, questions, pending))
+    _run_pending(pending, runner, checker, results, total - len(pending), total, progress)
     rows = selected_rows(results.load(), questions, specs)
-    summary = summarize(rows, specs, baseline=baseline, dataset=dataset, n_questions=len(questions))
+    summary = summarize(
+        rows,
+        specs,
+        baseline=baseline,
+        dataset=dataset,
+        n_questions=len(questions),
+        task=dataset_task(questions),
+    )
     report.write_report(out_dir, summary)
     return Evaluation(rows, summary, ran=len(pending), skipped=total - len(pending))
+
+
+def _grader(
+    grader: Grader | None,
+    questions: Sequence[Question],
+    pending: Sequence[tuple[StrategySpec, Question]],
+) -> Grader | None:
+    if grader is not None or not pending or dataset_task(questions) != "code":
+        return grader
+    from services.evaluation.checks import grader_from_settings
+    from services.grading.sandbox import SandboxUnavailable
+
+    try:
+        return grader_from_settings()
+    except SandboxUnavailable as error:
+        raise EvaluationError(f"code answers cannot be graded here: {error}") from None
 
 
 def _run_pending(
     pending: Sequence[tuple[StrategySpec, Question]],
     runner: Runner,
+    checker: AnswerChecker,
     results: ResultsFile,
     initial: int,
     total: int,
@@ -405,13 +518,16 @@ def _run_pending(
         return
     pool = ThreadPoolExecutor(max_workers=max(1, runner.concurrency), thread_name_prefix="eval")
     bar = tqdm(total=total, initial=initial, disable=not progress, unit="job", desc="eval")
-    futures: dict[Future[JobRun], tuple[StrategySpec, Question]] = {
-        pool.submit(runner.run, spec, question): (spec, question) for spec, question in pending
-    }
+
+    def run_and_check(spec: StrategySpec, question: Question) -> dict[str, Any]:
+        return make_row(spec, question, runner.run(spec, question), checker)
+
+    futures: list[Future[dict[str, Any]]] = [
+        pool.submit(run_and_check, spec, question) for spec, question in pending
+    ]
     try:
         for future in as_completed(futures):
-            spec, question = futures[future]
-            results.append(make_row(spec, question, future.result()))
+            results.append(future.result())
             bar.update()
     finally:
         bar.close()

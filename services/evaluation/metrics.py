@@ -1,10 +1,11 @@
 """The evaluation summary, computed from result rows only (so anyone can recompute it).
 
-Per strategy label: accuracy with a 95% Wilson score interval, mean cost per question (the
+Per strategy label: accuracy (for code: pass@1, the share of problems whose one greedy
+answer passed its tests in the sandbox) with a 95% Wilson score interval, mean cost per question (the
 paper's TFLOPs and the prefill TFLOPs it leaves out), the saving in mean TFLOPs against the
 baseline (`llm_only`), mean generated tokens per role, the coordinator's share of all
 generated tokens (ratio of sums), latency percentiles (linear interpolation), and which
-stage Tandem-like strategies stopped at.
+stage Tandem-like strategies stopped at, and for code the grader's verdicts.
 """
 
 from __future__ import annotations
@@ -69,7 +70,17 @@ def strategy_summary(label: str, strategy: str, params: dict, rows: list[dict]) 
         "stopped_at_stage": _stop_stages(rows),
         "models": _models(rows),
         "saving_vs_baseline": None,
-    }
+    } | _verdicts(rows)
+
+
+def _verdicts(rows: list[dict]) -> dict[str, Any]:
+    """Code rows: how many answers passed, failed, timed out, could not run (error), or were
+    not graded (the job itself failed)."""
+    if not any(row.get("task") == "code" for row in rows):
+        return {}
+    counts = Counter(row.get("verdict") or "not graded" for row in rows)
+    order = ("passed", "failed", "timeout", "error", "not graded")
+    return {"verdicts": {name: counts[name] for name in order if counts[name]}}
 
 
 def _stop_stages(rows: list[dict]) -> dict[str, int]:
@@ -96,6 +107,7 @@ def summarize(
     baseline: str = "llm_only",
     dataset: str = "",
     n_questions: int | None = None,
+    task: str = "math",
 ) -> dict[str, Any]:
     """The summary of rows (as selected for `specs`), in the order of `specs`."""
     entries = [
@@ -110,6 +122,8 @@ def summarize(
             entry["saving_vs_baseline"] = 1 - entry["mean_tflops"] / base["mean_tflops"]
     return {
         "dataset": dataset,
+        "task": task,
+        "metric": "pass@1" if task == "code" else "accuracy",
         "n_questions": n_questions,
         "baseline": baseline if base else None,
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -13,7 +13,7 @@ PLOT_FILE = "pareto.png"
 TABLE_COLUMNS = (
     "strategy",
     "n",
-    "accuracy [95% CI]",
+    "{metric} [95% CI]",
     "mean TFLOPs",
     "saving vs {baseline}",
     "mean prefill TFLOPs",
@@ -69,9 +69,10 @@ def table_row(entry: dict[str, Any]) -> list[str]:
 
 def markdown_table(summary: dict[str, Any]) -> str:
     baseline = summary.get("baseline") or "llm_only"
-    header = [column.format(baseline=baseline) for column in TABLE_COLUMNS]
+    metric = summary.get("metric", "accuracy")
+    header = [column.format(baseline=baseline, metric=metric) for column in TABLE_COLUMNS]
     lines = [
-        "# Evaluation: accuracy against cost",
+        f"# Evaluation: {metric} against cost",
         "",
         f"Dataset: `{summary.get('dataset', '')}`, {summary.get('n_questions')} questions; "
         f"generated {summary.get('generated_at', '')}.",
@@ -93,8 +94,11 @@ def _notes(summary: dict[str, Any]) -> list[str]:
         "Coordinator share: coordinator tokens / all generated tokens. Latency: wall-clock "
         "per job with the other jobs of the run in flight.",
         "",
-        f"Pareto front (accuracy against TFLOPs): {', '.join(summary['pareto_front']) or 'none'}.",
+        f"Pareto front ({summary.get('metric', 'accuracy')} against TFLOPs): "
+        f"{', '.join(summary['pareto_front']) or 'none'}.",
     ]
+    if summary.get("metric") == "pass@1":
+        notes += ["", _pass_at_1_note(summary)]
     errors = [f"{e['label']} {e['errors']}" for e in summary["strategies"] if e.get("errors")]
     if errors:
         notes += ["", f"Jobs that ended in an error (counted as wrong): {', '.join(errors)}."]
@@ -102,6 +106,19 @@ def _notes(summary: dict[str, Any]) -> list[str]:
     if models:
         notes += ["", models]
     return notes
+
+
+def _pass_at_1_note(summary: dict[str, Any]) -> str:
+    verdicts = "; ".join(
+        f"{e['label']} " + ", ".join(f"{n} {name}" for name, n in e.get("verdicts", {}).items())
+        for e in summary["strategies"]
+        if e.get("verdicts")
+    )
+    return (
+        "pass@1: the share of problems whose one answer passed every test of the problem, run "
+        "in a sandbox (error: no runnable function in the answer). Verdicts: "
+        f"{verdicts or 'none'}."
+    )
 
 
 def _models_line(summary: dict[str, Any]) -> str:
@@ -132,11 +149,18 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
     on_front = set(summary["pareto_front"])
     right = max((e["mean_tflops"] for e in entries), default=0.0)
     groups = sorted(_same_point(entries), key=lambda g: (g[0]["mean_tflops"], g[0]["accuracy"]))
-    placed: list[tuple[float, float]] = []
+    # A label runs right of its point; about 0.011 of the x range per character at this size.
+    char = 0.011 * (right * 1.25 if right > 0 else 1.0)
+    placed: list[tuple[float, float, float]] = []  # x, accuracy, where its label ends
     for group in groups:
         x, y = group[0]["mean_tflops"], group[0]["accuracy"]
-        near = sum(1 for px, py in placed if abs(px - x) < 0.08 * right and abs(py - y) < 0.05)
-        placed.append((x, y))
+        label_end = x + char * len(", ".join(e["label"] for e in group))
+        near = sum(
+            1
+            for px, py, end in placed
+            if px - 0.08 * right < x < max(end, px + 0.08 * right) and abs(py - y) < 0.05
+        )
+        placed.append((x, y, label_end))
         _plot_point(axes, group, any(e["label"] in on_front for e in group), lift=near)
     front = [e for label in summary["pareto_front"] for e in entries if e["label"] == label]
     if len(front) > 1:
@@ -151,8 +175,11 @@ def plot_pareto(summary: dict[str, Any], path: Path) -> None:
         )
         axes.legend(loc="lower right")
     axes.set_xlabel("mean TFLOPs per question (generated tokens, paper metric)")
-    axes.set_ylabel("accuracy (%), 95% Wilson interval")
-    axes.set_title(f"Accuracy against cost: {Path(str(summary.get('dataset', ''))).name}")
+    metric = summary.get("metric", "accuracy")
+    axes.set_ylabel(f"{metric} (%), 95% Wilson interval")
+    axes.set_title(
+        f"{metric.capitalize()} against cost: {Path(str(summary.get('dataset', ''))).name}"
+    )
     axes.grid(True, alpha=0.3)
     axes.set_ylim(-2, 102)
     axes.set_xlim(0, right * 1.25 if right > 0 else 1.0)

@@ -10,6 +10,13 @@ the features are computed here, by this process's feature model.
 
 `collect` runs the questions not yet in `samples.jsonl`, a few at a time, and appends
 each line durably (`services.jsonl`). No progress bar or HTTP here: callers pass callbacks.
+
+Labels: a math stage is correct when the executor's extracted answer equals the gold answer
+(`answers.is_correct`). A code item (a HumanEval line: `task_id`, `prompt`, `entry_point`,
+`test`) runs as a `task: code` job would (code prompts, the function extracted with
+`tasks.job_task`), and its stages are labelled by the caller's `grade` function, which runs
+the function against the problem's tests in the sandbox (`services.grading`; the CLI passes
+one): correct = `passed`. Nothing here runs model code itself.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from services.core.prompts import classifier_text
 from services.core.steps import StageRecord
 from services.core.strategies.tandem import CoordinatorStream, executor_step
 from services.core.sufficiency import SCORING_MAX_TOKENS, features_from_scoring
+from services.core.tasks import job_task
 
 
 class CollectError(RuntimeError):
@@ -57,40 +65,101 @@ class CollectError(RuntimeError):
 
 @dataclass(frozen=True)
 class Item:
-    """One dataset question with its gold answer."""
+    """One dataset question with its gold answer (math), or one code problem (its tests,
+    in `problem`, decide)."""
 
     qid: str
     index: int
     question: str
-    reference: str
+    reference: str | None
+    task: str = "math"
+    problem: dict[str, str] | None = None  # code: task_id, prompt, entry_point, test
+
+    @property
+    def job_params(self) -> dict[str, Any]:
+        """The job params this item's stages run with beyond the collection's own."""
+        if self.task != "code" or self.problem is None:
+            return {}
+        return {"task": "code", "entry_point": self.problem["entry_point"]}
+
+
+HUMANEVAL_FIELDS = ("task_id", "prompt", "entry_point", "test")
 
 
 def read_dataset(path: Path) -> list[Item]:
-    """A JSONL dataset (GSM8K or MATH-500 fields: `question`, `answer`). A question's id is
-    its `id` / `unique_id` field, else a hash of its text (stable across reorderings)."""
+    """A JSONL dataset: GSM8K or MATH-500 fields (`question`, `answer`), or HumanEval's
+    (`task_id`, `prompt`, `entry_point`, `test`: code items, id = task_id). A question's id
+    is its `id` / `unique_id` field, else a hash of its text (stable across reorderings).
+    The first line decides the kind; a file mixing the two is refused."""
     items: list[Item] = []
     seen: set[str] = set()
+    code: bool | None = None
     with path.open(encoding="utf-8") as handle:
         for index, line in enumerate(handle):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                question = str(record["question"])
-                reference = reference_answer(record)
-            except (json.JSONDecodeError, KeyError, TypeError) as error:
-                raise CollectError(
-                    f"{path} line {index + 1}: not a question record ({error})"
-                ) from None
-            qid = str(
-                record.get("id")
-                or record.get("unique_id")
-                or "q-" + hashlib.sha256(question.encode()).hexdigest()[:16]
-            )
-            if qid not in seen:  # a repeated question would only repeat the same work
-                seen.add(qid)
-                items.append(Item(qid, index, question, reference))
+                if code is None:
+                    code = isinstance(record, dict) and all(k in record for k in HUMANEVAL_FIELDS)
+                item = _code_item(record, index) if code else _math_item(record, index)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+                kind = "HumanEval problem" if code else "question record"
+                raise CollectError(f"{path} line {index + 1}: not a {kind} ({error})") from None
+            if item.qid not in seen:  # a repeated question would only repeat the same work
+                seen.add(item.qid)
+                items.append(item)
     return items
+
+
+def _math_item(record: dict[str, Any], index: int) -> Item:
+    question = str(record["question"])
+    reference = reference_answer(record)
+    qid = str(
+        record.get("id")
+        or record.get("unique_id")
+        or "q-" + hashlib.sha256(question.encode()).hexdigest()[:16]
+    )
+    return Item(qid, index, question, reference)
+
+
+def _code_item(record: dict[str, Any], index: int) -> Item:
+    problem = {name: record[name] for name in HUMANEVAL_FIELDS}
+    if not all(isinstance(value, str) for value in problem.values()):
+        raise TypeError(f"{', '.join(HUMANEVAL_FIELDS)} must be strings")
+    if not problem["entry_point"].isidentifier():
+        raise ValueError(f"entry_point {problem['entry_point']!r} is not a Python identifier")
+    return Item(problem["task_id"], index, problem["prompt"], None, "code", problem)
+
+
+def dataset_task(items: Sequence[Item]) -> str:
+    return items[0].task if items else "math"
+
+
+def item_params(item: Item, params: JobParams) -> JobParams:
+    """The collection's params with the item's own (a code item's task and entry point)."""
+    extra = item.job_params
+    return JobParams.model_validate(params.model_dump() | extra) if extra else params
+
+
+# A code stage's label: grade(item, candidate) -> (passed, extra fields for the stage), run
+# in a sandbox by the caller (the CLI: services.grading).
+Grade = Callable[[Item, str], tuple[bool, dict[str, Any]]]
+
+
+def label(item: Item, params: JobParams, text: str, grade: Grade | None) -> dict[str, Any]:
+    """`answer` and `correct` of one executor reply (code: plus the grader's fields)."""
+    if item.task != "code":
+        predicted = extract_answer(text)
+        return {"answer": predicted, "correct": is_correct(predicted, item.reference or "")}
+    if grade is None:
+        raise CollectError(
+            f"{item.qid} is a code problem: its stages are labelled by the sandboxed grader, "
+            "and none was given"
+        )
+    answer = job_task(item.question, params).answer(text)
+    passed, extra = grade(item, answer.value or text)
+    return {"answer": answer.value, "correct": passed, "extraction": answer.note, **extra}
 
 
 # --------------------------------------------------------------------------- one question
@@ -114,15 +183,19 @@ class _Stream:
         )
 
 
-def collect_question(engines: Engines, item: Item, params: JobParams) -> dict[str, Any]:
+def collect_question(
+    engines: Engines, item: Item, params: JobParams, grade: Grade | None = None
+) -> dict[str, Any]:
     """Every stage of one question, embedded: one coordinator stream generated in budget
-    increments, features and an executor answer at each stage reached."""
+    increments, features and an executor answer at each stage reached (a code item's
+    answers labelled by `grade`)."""
+    params = item_params(item, params)
     streams = _coordinator_stream(engines, item.question, params)
     last = _last_reached(streams)
     hints = [s.stream.text for s in streams[: last + 1]]
     steps = [(i, executor_step(item.question, hint, params)) for i, hint in enumerate(hints)]
     answers = execute_group(steps, engines, params)
-    return _question_line(engines, item, params, streams, answers)
+    return _question_line(engines, item, params, streams, answers, grade)
 
 
 def _coordinator_stream(engines: Engines, question: str, params: JobParams) -> list[_Stream]:
@@ -147,11 +220,17 @@ FixedJob = Callable[[int], dict[str, Any]]
 
 
 def line_from_fixed_jobs(
-    engines: Engines, item: Item, params: JobParams, run_fixed: FixedJob
+    engines: Engines,
+    item: Item,
+    params: JobParams,
+    run_fixed: FixedJob,
+    grade: Grade | None = None,
 ) -> dict[str, Any]:
     """Every stage of one question from `fixed:B` jobs: `run_fixed(B)` returns the finished
-    job's JSON as the API shows it. Stages after the coordinator finished are not run
-    (a Tandem run stops there too): they repeat the last one, as embedded."""
+    job's JSON as the API shows it (run with `item.job_params` for a code item). Stages after
+    the coordinator finished are not run (a Tandem run stops there too): they repeat the last
+    one, as embedded."""
+    params = item_params(item, params)
     streams: list[_Stream] = []
     answers: list[StageRecord] = []
     for budget in params.budgets:
@@ -161,7 +240,7 @@ def line_from_fixed_jobs(
         stream, answer = _fixed_job_stages(run_fixed(budget))
         streams.append(stream)
         answers.append(answer)
-    return _question_line(engines, item, params, streams, answers)
+    return _question_line(engines, item, params, streams, answers, grade)
 
 
 def _fixed_job_stages(job: dict[str, Any]) -> tuple[_Stream, StageRecord]:
@@ -202,20 +281,23 @@ def _question_line(
     params: JobParams,
     streams: Sequence[_Stream],
     answers: Sequence[StageRecord],
+    grade: Grade | None = None,
 ) -> dict[str, Any]:
     """The question's line: the stages reached (one per answer) scored by this process's
-    feature model; stages after them copy the last (`reached: false`)."""
+    feature model and labelled; stages after them copy the last (`reached: false`)."""
     scorings = [_score(engines, item.question, s.stream.text) for s in streams[: len(answers)]]
+    labels = [label(item, params, answer.text, grade) for answer in answers]
     stages = []
     for stage, budget in enumerate(params.budgets):
         src = min(stage, len(answers) - 1)  # stages after the coordinator finished: copies
         stages.append(
-            _stage_entry(stage, budget, streams[src], scorings, src, answers[src], item.reference)
+            _stage_entry(stage, budget, streams[src], scorings, src, answers[src], labels[src])
             | {"reached": stage == src}
         )
     return {
         "id": item.qid,
         "index": item.index,
+        "task": item.task,
         "question": item.question,
         "reference": item.reference,
         "insights": streams[-1].stream.text,
@@ -231,10 +313,9 @@ def _stage_entry(
     scorings: Sequence[_Scored],
     src: int,
     answer: StageRecord,
-    reference: str,
+    labelled: dict[str, Any],
 ) -> dict[str, Any]:
     scored = scorings[src]
-    predicted = extract_answer(answer.text)
     prefill = (
         stream.prefill_tflops + answer.prefill_tflops + sum(s.tflops for s in scorings[: src + 1])
     )
@@ -246,8 +327,7 @@ def _stage_entry(
         "hint_chars": len(stream.stream.text),
         "features": [round(x, 8) for x in features_from_scoring(scored.scoring, stage, budget)],
         "features_exact": bool(scored.scoring.exact),
-        "answer": predicted,
-        "correct": is_correct(predicted, reference),
+        **labelled,
         "executor_tokens": answer.generated_tokens,
         "executor_finish": answer.finish_reason,
         "coordinator_tflops": stream.tflops,
@@ -348,14 +428,24 @@ def collected_ids(path: Path) -> list[str]:
         raise CollectError(str(error)) from None
 
 
-_META_MUST_MATCH = ("format", "version", "budgets", "executor_max_tokens", "temperature", "top_p")
+_META_MUST_MATCH = (
+    "format",
+    "version",
+    "task",
+    "budgets",
+    "executor_max_tokens",
+    "temperature",
+    "top_p",
+)
+_META_DEFAULTS = {"task": "math"}  # collections made before the field existed
 
 
 def _check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
-    meta = {"format": SAMPLES_FORMAT, "version": SAMPLES_VERSION} | meta
+    meta = {"format": SAMPLES_FORMAT, "version": SAMPLES_VERSION} | _META_DEFAULTS | meta
     path = out_dir / META_FILE
     if path.exists():
         old = json.loads(path.read_text())
+        old = _META_DEFAULTS | old
         changed = [k for k in _META_MUST_MATCH if old.get(k) != meta.get(k)]
         if changed:
             what = ", ".join(f"{k} {old.get(k)!r} (now {meta.get(k)!r})" for k in changed)
@@ -369,8 +459,11 @@ def _check_meta(out_dir: Path, meta: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def collect_meta(dataset: Path, params: JobParams, engines: Engines, mode: str) -> dict[str, Any]:
+def collect_meta(
+    dataset: Path, params: JobParams, engines: Engines, mode: str, task: str = "math"
+) -> dict[str, Any]:
     return {
+        "task": task,
         "budgets": list(params.budgets),
         "executor_max_tokens": params.executor_max_tokens,
         "temperature": params.temperature,

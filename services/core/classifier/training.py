@@ -218,6 +218,7 @@ def build_manifest(result: TrainResult, samples: Samples, seed: int) -> dict[str
         "provenance": {
             "data": str(samples.source.resolve()) if samples.source else None,
             "data_sha256": sha256_file(samples.source) if samples.source else None,
+            "task": meta.get("task", "math"),
             "dataset": meta.get("dataset"),
             "dataset_sha256": meta.get("dataset_sha256"),
             "models": meta.get("models"),

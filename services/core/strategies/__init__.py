@@ -3,6 +3,10 @@
 Every strategy is a generator of steps (see `services.core.workflow`). `REGISTRY` is the
 one list of them; `STRATEGIES` (what requests accept and errors list) is derived from it,
 plus the `fixed:N` family (Tandem with a single stage of N coordinator tokens).
+
+Every strategy works with every task type (`params.task`: math, code, text): it takes its
+prompts and its answer extraction from `services.core.tasks.job_task`, never from the task
+name itself.
 """
 
 from __future__ import annotations

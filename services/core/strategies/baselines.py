@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from services.core.answers import extract_answer
 from services.core.params import JobParams
-from services.core.prompts import solver_messages
-from services.core.steps import Generate, Outcome
+from services.core.steps import Generate
+from services.core.tasks import job_task
 from services.core.workflow import Program
 
 
@@ -20,14 +19,15 @@ def slm_only(question: str, params: JobParams) -> Program:
 
 
 def _alone(role: str, question: str, max_tokens: int, params: JobParams) -> Program:
+    task = job_task(question, params)
     record = yield Generate(
         role=role,  # type: ignore[arg-type]
         kind=role,
-        messages=solver_messages(question),
+        messages=task.solver_messages(),
         max_tokens=max_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
         seed=params.seed,
         note=f"{role} answers alone",
     )
-    return Outcome(answer=extract_answer(record.text), final_text=record.text)
+    return task.outcome(record.text)

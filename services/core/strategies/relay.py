@@ -25,10 +25,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from services.core.answers import extract_answer
 from services.core.params import JobParams
-from services.core.prompts import solver_messages
-from services.core.steps import Generate, Outcome, StageRecord
+from services.core.steps import Generate, StageRecord
+from services.core.tasks import job_task
 from services.core.workflow import Program
 
 CALL_CLOSE = "</call>"
@@ -50,7 +49,8 @@ class HandOff:
 
 
 def relay(question: str, params: JobParams) -> Program:
-    messages = solver_messages(question)
+    task = job_task(question, params)
+    messages = task.solver_messages()
     entropy_mode = params.relay_mode == "entropy"
     solution = ""  # S: continued by both models (the small model also sees its commands)
     spent = 0  # generated tokens over both models
@@ -129,7 +129,7 @@ def relay(question: str, params: JobParams) -> Program:
         "call_ratio": round(large_tokens / written, 6) if written else 0.0,
         "spent_tokens": spent,
     }
-    return Outcome(answer=extract_answer(final_text), final_text=final_text, summary=summary)
+    return task.outcome(final_text, summary)
 
 
 def read_small_step(record: StageRecord, params: JobParams) -> tuple[str, HandOff | None]:

@@ -21,10 +21,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from services.core.answers import extract_answer
 from services.core.params import JobParams
-from services.core.prompts import selection_messages, solver_messages
-from services.core.steps import Generate, Outcome, StageRecord
+from services.core.steps import Generate, StageRecord
+from services.core.tasks import job_task
 from services.core.workflow import Program
 
 DRAFT_TEMPERATURE = 0.6  # the paper's drafting temperature, whatever the job's
@@ -47,13 +46,14 @@ class Selection:
 
 
 def scot(question: str, params: JobParams) -> Program:
+    task = job_task(question, params)
     n = params.drafts
     base_seed = params.seed if params.seed is not None else 0
     drafts: list[StageRecord] = yield [
         Generate(
             role="executor",
             kind="draft",
-            messages=solver_messages(question),
+            messages=task.solver_messages(),
             max_tokens=params.draft_max_tokens,
             stop=(END_OF_THINKING,),
             temperature=DRAFT_TEMPERATURE,
@@ -64,7 +64,7 @@ def scot(question: str, params: JobParams) -> Program:
         for k in range(n)
     ]
 
-    messages, cue = selection_messages(question, [draft.text for draft in drafts])
+    messages, cue = task.selection_messages([draft.text for draft in drafts])
     verdict = yield Generate(
         role="coordinator",
         kind="select",
@@ -82,18 +82,18 @@ def scot(question: str, params: JobParams) -> Program:
         record = yield Generate(
             role="coordinator",
             kind="finish",
-            messages=solver_messages(question),
+            messages=task.solver_messages(),
             continuation=prefix,
             max_tokens=params.llm_max_tokens,
             note=f"finish after draft {selection.selected}",
         )
         final_text = prefix + record.text
-        answer = extract_answer(record.text) or extract_answer(final_text)
+        answer_from = (record.text, final_text)
     else:
         record = yield Generate(
             role="coordinator",
             kind="solve",
-            messages=solver_messages(question),
+            messages=task.solver_messages(),
             max_tokens=params.llm_max_tokens,
             temperature=params.temperature,
             top_p=params.top_p,
@@ -101,7 +101,7 @@ def scot(question: str, params: JobParams) -> Program:
             note="all drafts rejected: coordinator solves alone",
         )
         final_text = record.text
-        answer = extract_answer(final_text)
+        answer_from = (final_text,)
 
     summary: dict[str, Any] = {
         "selected": selection.selected,
@@ -112,7 +112,7 @@ def scot(question: str, params: JobParams) -> Program:
         "drafts": n,
         "draft_tokens": sum(draft.generated_tokens for draft in drafts),
     }
-    return Outcome(answer=answer, final_text=final_text, summary=summary)
+    return task.outcome(final_text, summary, answer_from)
 
 
 def read_selection(record: StageRecord, n_drafts: int) -> Selection:

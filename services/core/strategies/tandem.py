@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from services.core.answers import extract_answer
 from services.core.params import JobParams
-from services.core.prompts import coordinator_messages, executor_messages
-from services.core.steps import Generate, Judge, Outcome, StageRecord
+from services.core.steps import Generate, Judge, StageRecord
+from services.core.tasks import job_task
 from services.core.workflow import Program
 
 
@@ -39,7 +38,7 @@ class CoordinatorStream:
         return Generate(
             role="coordinator",
             kind="coordinator",
-            messages=coordinator_messages(question),
+            messages=job_task(question, params).coordinator_messages(),
             continuation=self.text,
             max_tokens=budget - self.tokens,
             temperature=params.temperature,
@@ -84,10 +83,8 @@ def tandem(question: str, params: JobParams) -> Program:
         params,
         note=f"answer with stage {stage} insights ({stream.tokens} tokens)",
     )
-    return Outcome(
-        answer=extract_answer(answer.text),
-        final_text=answer.text,
-        summary={"stopped_at_stage": stage, "coordinator_tokens": stream.tokens},
+    return job_task(question, params).outcome(
+        answer.text, summary={"stopped_at_stage": stage, "coordinator_tokens": stream.tokens}
     )
 
 
@@ -97,7 +94,7 @@ def executor_step(question: str, insights: str, params: JobParams, note: str = "
     return Generate(
         role="executor",
         kind="executor",
-        messages=executor_messages(question, insights),
+        messages=job_task(question, params).executor_messages(insights),
         max_tokens=params.executor_max_tokens,
         temperature=params.temperature,
         top_p=params.top_p,
