@@ -1,7 +1,7 @@
 """`tandem batch`: submit, watch, fetch and cancel batches over the REST API (through
 `services.client.TandemClient`, whose retry policy covers every call); feed the queues
 (`feed`); or run a JSONL file in this process with the local engine (`run`), resumably
-(results appended durably with `services.jsonl`)."""
+(results appended durably with `services.core.jsonl`)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from services import jsonl
 from services.client import APIError, TandemClient
+from services.core import jsonl
 
 if TYPE_CHECKING:
     import httpx
@@ -404,7 +404,7 @@ def _count_lines(file: Path) -> int:
 
 
 class _Sink:
-    """Appends results to OUT (one durable JSON line each, `services.jsonl`) and drives the
+    """Appends results to OUT (one durable JSON line each, `services.core.jsonl`) and drives the
     progress bar."""
 
     def __init__(self, output: Path, total: int, progress: bool) -> None:

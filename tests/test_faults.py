@@ -125,6 +125,15 @@ class Services:
         rows = self.query("SELECT id, status FROM jobs WHERE id = ANY(:ids)", ids=ids)
         return dict(rows)
 
+    def errors(self, ids: list[str]) -> dict[str, str]:
+        """Why jobs that did not succeed ended (or their last error)."""
+        rows = self.query(
+            "SELECT id, status || ': ' || coalesce(error, '') FROM jobs "
+            "WHERE id = ANY(:ids) AND status <> 'succeeded'",
+            ids=ids,
+        )
+        return dict(rows)
+
     def wait_finished(
         self, ids: list[str], timeout: float, tick: Callable[[dict[str, str]], None] | None = None
     ) -> dict[str, str]:
@@ -323,7 +332,7 @@ def test_redis_restarted_mid_run_loses_no_job(fresh_database: str, tmp_path: Pat
         assert unfinished, "every job finished before Redis went away; nothing was tested"
 
         statuses = services.wait_finished(ids, timeout=600, tick=services.supervise)
-        assert set(statuses.values()) == {"succeeded"}, statuses
+        assert set(statuses.values()) == {"succeeded"}, services.errors(ids)
         services.assert_each_stage_once(ids)
         requeued = metric_value(services.scrape(metrics_port), "tandem_reconciler_requeued_total")
         assert requeued >= 1, "the reconciler re-enqueued nothing"

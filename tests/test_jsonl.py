@@ -1,4 +1,4 @@
-"""`services.jsonl`, the durable append every resumable file uses: whole lines only, a torn
+"""`services.core.jsonl`, the durable append every resumable file uses: whole lines only, a torn
 last line cut off when the file is next opened to append, never read as a record."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from services import jsonl
+from services.core import jsonl
 
 
 def test_a_torn_last_line_is_not_read_and_is_cut_before_the_next_append(tmp_path: Path) -> None:

@@ -35,7 +35,9 @@ RESULTS_FLUSH_BYTES = 64 * 1024
 
 
 def init_app(app: Flask) -> None:
-    app.config.setdefault("TANDEM_BATCH_LIMITS", batches.Limits())
+    settings = app.config["TANDEM"]
+    limits = batches.Limits(max_owner_lines=settings.max_batch_lines_per_owner)
+    app.config.setdefault("TANDEM_BATCH_LIMITS", limits)
 
 
 def settings():
@@ -151,6 +153,8 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
     config = settings()
     limits = current_app.config["TANDEM_BATCH_LIMITS"]
     try:
+        if key is None or not _known_key(owner, key):
+            batches.check_owner_room(config.database_url, owner, limits)
         batch, created = batches.ingest(
             config.database_url,
             owner,
@@ -161,9 +165,12 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
             idempotency_key=key,
         )
     except batches.BatchRejected as rejected:
+        if rejected.batch_id is None:  # refused before the body was read
+            _discard(request.stream)  # type: ignore[arg-type]
         raise Problem(
             rejected.status,
             rejected.reason,
+            headers={"Retry-After": "60"} if rejected.status == 429 else None,
             batch_id=rejected.batch_id,
             errors=rejected.errors[:20],
         ) from None
@@ -173,6 +180,12 @@ def create_batch() -> tuple[Response, int, dict[str, str]]:
     start_feeding(current_app._get_current_object())  # type: ignore[attr-defined]
     body = batch_json(batch, None)
     return jsonify(body), 202, {"Location": body["status_url"]}
+
+
+def _known_key(owner: str, key: str) -> bool:
+    """Whether this owner already used `key` (its upload answers from the first one)."""
+    with transaction(settings().database_url) as session:
+        return batch_rows.by_idempotency_key(session, owner, key) is not None
 
 
 def _discard(stream: BinaryIO) -> None:

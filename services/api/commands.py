@@ -101,12 +101,11 @@ def reconcile(interval: float, deadline: float | None, once: bool) -> None:
         try:
             if time.monotonic() - last_pass >= interval or once:
                 last_pass = time.monotonic()
-                count = reconcile_pass(settings, enqueue, deadline, depth, broker.capacity)
-                if once:
-                    click.echo(f"re-enqueued {count} job(s)")
-                    return
-            else:
-                feed(settings, enqueue, depth, broker.capacity, budget_s=settings.feed_interval_s)
+                count = reconcile_pass(settings, enqueue, deadline, depth)
+            feed(settings, enqueue, depth, broker.capacity, budget_s=settings.feed_interval_s)
+            if once:
+                click.echo(f"re-enqueued {count} job(s)")
+                return
         except Exception as error:  # keep the loop alive through a database or broker outage
             if once:
                 raise

@@ -14,7 +14,7 @@ Row-level SQL lives in `services.storage.batch_rows`.
 """
 
 from services.batches.feeder import feed
-from services.batches.ingest import ingest
+from services.batches.ingest import check_owner_room, ingest
 from services.batches.lifecycle import cancel, finalize_if_done
 from services.batches.parsing import (
     MAX_CUSTOM_ID,
@@ -37,6 +37,7 @@ __all__ = [
     "LineReader",
     "Progress",
     "cancel",
+    "check_owner_room",
     "feed",
     "finalize_if_done",
     "ingest",

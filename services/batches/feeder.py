@@ -69,6 +69,9 @@ class Room:
     def total(self) -> int:
         return sum(max(0, n) for n in self.left.values())
 
+    def largest(self) -> int:
+        return max((n for n in self.left.values()), default=0)
+
     def fits(self, tasks: Sequence[StageTask]) -> bool:
         need: dict[str, int] = {}
         for task in tasks:
@@ -104,7 +107,9 @@ def feed(
     deadline = time.monotonic() + budget_s
     fed = 0
     while owners and room.total() > 0 and time.monotonic() < deadline:
-        share = max(1, min(FEED_CHUNK, room.total() // len(owners)))
+        # An equal turn for each owner, from the roomiest role (a batch's first stages
+        # usually all go to one role).
+        share = max(1, min(FEED_CHUNK, room.largest() // len(owners)))
         progress = 0
         for owner in list(owners):
             batch_id = owners[owner][0]

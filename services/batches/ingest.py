@@ -34,6 +34,30 @@ log = logging.getLogger("tandem.batches")
 class _Tally:
     lines: int = 0
     errors: list[LineError] = field(default_factory=list)
+    room: int | None = None  # valid lines the owner may still add (None: no limit)
+
+
+def over_owner_limit(limits: Limits) -> BatchRejected:
+    return BatchRejected(
+        429,
+        f"this key's owner has {limits.max_owner_lines} unfinished batch lines, the limit "
+        "(TANDEM_MAX_BATCH_LINES_PER_OWNER); wait for some batches to finish",
+    )
+
+
+def check_owner_room(url: str, owner: str, limits: Limits) -> None:
+    """Raise BatchRejected (429) when the owner has no room for another batch line; called
+    before an upload is read, so a refused upload leaves no batch behind."""
+    if _owner_room(url, owner, limits) == 0:
+        raise over_owner_limit(limits)
+
+
+def _owner_room(url: str, owner: str, limits: Limits) -> int | None:
+    if not limits.max_owner_lines:
+        return None
+    with transaction(url) as session:
+        unfinished = batch_rows.unfinished_lines(session, owner, limits.max_owner_lines)
+    return max(0, limits.max_owner_lines - unfinished)
 
 
 def ingest(
@@ -55,7 +79,7 @@ def ingest(
         with transaction(url) as session:
             return session.get_one(Batch, batch_id), False
     reader = LineReader(stream, limits.max_line_bytes)
-    tally = _Tally()
+    tally = _Tally(room=_owner_room(url, owner, limits))
     try:
         with transaction(url) as session:
             batch = session.get_one(Batch, batch_id)
@@ -122,6 +146,10 @@ def _rows(
             if len(tally.errors) > limits.max_invalid_lines:
                 raise _too_many_invalid(limits)
             continue
+        if tally.room is not None:
+            if tally.room == 0:
+                raise over_owner_limit(limits)
+            tally.room -= 1
         request = parsed.request
         yield (
             "job_" + os.urandom(16).hex(),  # the same shape as new_id("job"), faster

@@ -26,6 +26,9 @@ class Limits:
     max_lines: int = 1_000_000  # non-blank lines
     max_line_bytes: int = 64 * 1024  # a longer line is reported invalid
     max_invalid_lines: int = 10_000  # more invalid lines than this fail the whole batch
+    # Unfinished batch lines one owner may have, this upload's included (0: no limit):
+    # TANDEM_MAX_BATCH_LINES_PER_OWNER.
+    max_owner_lines: int = 0
 
 
 class BatchRejected(Exception):

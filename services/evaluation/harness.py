@@ -5,7 +5,7 @@ HumanEval's own format (`task_id`, `prompt`, `entry_point`, `test`, `canonical_s
 code problems; every job runs with `task: code` and the problem's `entry_point`, and its
 answer is graded in a sandbox by this process, `checks.py`).
 
-Rows go to `results.jsonl` as they finish (each appended durably, `services.jsonl`), so a
+Rows go to `results.jsonl` as they finish (each appended durably, `services.core.jsonl`), so a
 run that stops can be resumed: pairs (strategy label, question id) already there are
 skipped. Jobs run either in this process (`EmbeddedRunner`: `run_job` from a thread pool,
 so the local engine batches concurrent questions) or through a running service
@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from services import jsonl
 from services.client import APIError, TandemClient
+from services.core import jsonl
 from services.core.answers import reference_answer
 from services.core.params import PRESETS
 from services.core.requests import InvalidRequest, parse_job_request

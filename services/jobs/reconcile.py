@@ -13,7 +13,7 @@ clock) and, per stage the job waits for:
   Either copy may start the stage; the other finds the lease held and is dropped.
 Every job is handled in its own transaction: a job that cannot be driven (a poison job: its
 stored request or its records no longer replay) fails with the reason, and the pass goes on.
-The pass ends with one batch feeder pass.
+The reconciler's process also runs the batch feeder (`tandem reconcile`), in its own passes.
 """
 
 from __future__ import annotations
@@ -46,12 +46,9 @@ def reconcile(
     enqueue: Enqueue,
     deadline_s: float | None = None,
     queue_depth: QueueDepth | None = None,
-    capacity: Callable[[], dict[str, int]] | None = None,
     limit: int = 500,
 ) -> int:
     """One pass over stale jobs; returns how many jobs had a message (re)sent."""
-    from services.batches import feeder  # the feeder needs the job machinery, not the reverse
-
     deadline = settings.stage_deadline_s if deadline_s is None else deadline_s
     url = settings.database_url
     with transaction(url) as session:
@@ -62,7 +59,6 @@ def reconcile(
         enqueue(tasks)
         REQUEUED.inc(resent)
         log.info("reconciler re-sent the messages of %d job(s)", resent)
-    feeder.feed(settings, enqueue, queue_depth, capacity)
     return resent
 
 
@@ -81,11 +77,16 @@ def _reconcile_one(
             values = {"leases": leases_to_json(view.leases), "updated_at": func.now()}
             job_rows.set_values(session, job_id, **values)
             return tasks
-    except Exception as error:  # a bug or bad data in one job must not stop the pass
+    except _BAD_DATA as error:  # one job's bad data must not stop the pass
         log.exception("reconciling a job failed", extra={"job_id": job_id})
         with transaction(url) as session:
             job_rows.mark_failed(session, job_id, f"the reconciler could not drive it: {error}")
     return []
+
+
+# What one job's data can raise (a lease or a step that does not parse). Anything else (the
+# database or the broker away) ends the pass, to be tried again, and fails no job.
+_BAD_DATA = (PoisonJob, ValueError, TypeError, KeyError)
 
 
 def _ended(session: Session, view: JobView) -> bool:

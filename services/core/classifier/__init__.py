@@ -5,7 +5,7 @@ The life of a classifier, one module per step:
 1. `collect`  for each question, every stage of a Tandem run: the coordinator stream cut at
               each budget (with the strategy's own `CoordinatorStream`), the 25 features of
               question + insights, the executor's answer checked against the gold answer.
-              One durable JSON line per question, resumable (`services.jsonl`).
+              One durable JSON line per question, resumable (`services.core.jsonl`).
 2. `samples`  that data on disk (`samples.jsonl` + `meta.json`) and read back as arrays.
 3. `training` StandardScaler + gradient-boosted trees, cross-validated by question; the
               thresholds of each operating point searched on out-of-fold probabilities;

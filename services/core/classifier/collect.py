@@ -9,7 +9,7 @@ by a caller-supplied function (the HTTP side is `services.collect_remote`). Eith
 the features are computed here, by this process's feature model.
 
 `collect` runs the questions not yet in `samples.jsonl`, a few at a time, and appends
-each line durably (`services.jsonl`). No progress bar or HTTP here: callers pass callbacks.
+each line durably (`services.core.jsonl`). No progress bar or HTTP here: callers pass callbacks.
 
 Labels: a math stage is correct when the executor's extracted answer equals the gold answer
 (`answers.is_correct`). A code item (a HumanEval line: `task_id`, `prompt`, `entry_point`,
@@ -34,7 +34,7 @@ from functools import reduce
 from pathlib import Path
 from typing import Any
 
-from services import jsonl
+from services.core import jsonl
 from services.core.answers import extract_answer, is_correct, reference_answer
 from services.core.backends.base import Scoring
 from services.core.classifier.samples import (

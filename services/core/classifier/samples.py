@@ -2,7 +2,7 @@
 
 A collection directory holds `samples.jsonl` (one line per question: every stage with its
 25 features, whether the executor was right there, and the cost of stopping there; written
-by `collect`, appended durably with `services.jsonl`) and `meta.json` (the options and
+by `collect`, appended durably with `services.core.jsonl`) and `meta.json` (the options and
 models it was collected with). `load_samples` turns it into N questions x S stages arrays
 for `training` and `cascade`.
 """
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from services import jsonl
+from services.core import jsonl
 from services.core.prompts import classifier_text
 
 SAMPLES_FORMAT = "tandem-classifier-samples"
