@@ -157,7 +157,9 @@ def drain(
         time.sleep(1)
 
 
-def run_load(args, base_url: str, key: str, database_url: str | None) -> None:
+def run_load(
+    args, base_url: str, key: str, database_url: str | None, metrics_port: int | None = None
+) -> None:
     body = {
         "question": QUESTION,
         "strategy": "slm_only",
@@ -220,9 +222,12 @@ def run_load(args, base_url: str, key: str, database_url: str | None) -> None:
         print(f"stages: {counts['stages']}  duplicated stages: {counts['duplicated_stages']}")
     else:
         print("duplicated stages: not counted (pass --database-url)")
+    if metrics_port:
+        wasted = infra.metric_total(metrics_port, "tandem_stage_wasted_total")
+        print(f"wasted stage executions (ran, not recorded): {wasted:.0f}")
 
 
-def own_stack(stack: ExitStack, args) -> tuple[str, str, str]:
+def own_stack(stack: ExitStack, args) -> tuple[str, str, str, int]:
     """API, executor worker(s) and reconciler on a scratch database and a throwaway Redis."""
     from services.api.auth import create_key
     from services.storage.db import transaction, upgrade
@@ -246,7 +251,10 @@ def own_stack(stack: ExitStack, args) -> tuple[str, str, str]:
         log_dir,
     )
     stack.callback(processes.stop_all)
+    metrics_port = infra.free_port()
+    processes.env["TANDEM_METRICS_PORT"] = str(metrics_port)
     processes.worker("executor", concurrency=args.worker_concurrency)
+    processes.env["TANDEM_METRICS_PORT"] = "0"
     processes.start("reconciler", [str(infra.BIN / "tandem"), "reconcile", "--interval", "5"])
     port = infra.free_port()
     processes.start(
@@ -271,7 +279,7 @@ def own_stack(stack: ExitStack, args) -> tuple[str, str, str]:
         f"1 executor worker ({args.worker_concurrency} threads), reconciler",
         flush=True,
     )
-    return base_url, key, database_url
+    return base_url, key, database_url, metrics_port
 
 
 def main() -> None:
@@ -300,8 +308,8 @@ def main() -> None:
         run_load(args, args.api.rstrip("/"), args.key, args.database_url)
         return
     with ExitStack() as stack:
-        base_url, key, database_url = own_stack(stack, args)
-        run_load(args, base_url, key, database_url)
+        base_url, key, database_url, metrics_port = own_stack(stack, args)
+        run_load(args, base_url, key, database_url, metrics_port)
 
 
 if __name__ == "__main__":

@@ -99,9 +99,13 @@ def main() -> None:
         upgrade(db)
         env = {"TANDEM_DATABASE_URL": db, "TANDEM_REDIS_URL": redis_url}
         processes = infra.Processes(env, Path(tempfile.mkdtemp(prefix="tandem-bench-")))
+        metrics_ports = []
         try:
             for queue in ("coordinator", "classifier", "executor"):
+                metrics_ports.append(infra.free_port())
+                processes.env["TANDEM_METRICS_PORT"] = str(metrics_ports[-1])
                 processes.worker(queue, concurrency=2)
+            processes.env["TANDEM_METRICS_PORT"] = "0"
             port = infra.free_port()
             processes.api(port)
             key = _api_key(db)
@@ -112,6 +116,9 @@ def main() -> None:
             )
             run_services(client, questions[:1])  # warm: every worker loads its model
             services_s, jobs = run_services(client, questions)
+            wasted = sum(
+                infra.metric_total(port, "tandem_stage_wasted_total") for port in metrics_ports
+            )
         finally:
             processes.stop_all()
 
@@ -133,6 +140,7 @@ def main() -> None:
     )
     print(f"{'queue hop p50':<28}{p50:>9.2f} ms  bar < 10 ms: {'met' if p50 < 10 else 'NOT met'}")
     print(f"{'queue hop p99':<28}{p99:>9.2f} ms  ({len(gaps)} hops)")
+    print(f"{'wasted stage executions':<28}{wasted:>9.0f}     (ran but not recorded)")
     print(
         f"{'  stage to stage p50, p99':<28}{statistics.median(between):>9.2f} ms, "
         f"{percentile(between, 0.99):.2f} ms ({len(between)} hops)"

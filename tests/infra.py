@@ -45,6 +45,15 @@ def wait_for(check, timeout: float, what: str, interval: float = 0.1) -> None:
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def metric_total(port: int, name: str) -> float:
+    """The sum over every label set of metric `name` on a process's /metrics at `port`."""
+    import re
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    pattern = rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.e+-]+)$"
+    return sum(float(value) for value in re.findall(pattern, text, flags=re.M))
+
+
 # --- the model -------------------------------------------------------------------------
 
 

@@ -83,7 +83,7 @@ def keys_create(owner: str) -> None:
 )
 @click.option("--once", is_flag=True, help="One pass, then exit")
 def reconcile(interval: float, deadline: float | None, once: bool) -> None:
-    from services.batches import feed
+    from services.batches import feed, fill
     from services.broker import Broker
     from services.jobs import reconcile as reconcile_pass
     from services.observability import serve_queue_depths, setup_logging
@@ -98,11 +98,15 @@ def reconcile(interval: float, deadline: float | None, once: bool) -> None:
     depth = broker.depth
     last_pass = float("-inf")
     while True:
+        fed = 0
         try:
+            budget = settings.feed_interval_s
             if time.monotonic() - last_pass >= interval or once:
                 last_pass = time.monotonic()
                 count = reconcile_pass(settings, enqueue, deadline, depth)
-            feed(settings, enqueue, depth, broker.capacity, budget_s=settings.feed_interval_s)
+                fed = feed(settings, enqueue, depth, broker.capacity, budget_s=budget)
+            else:
+                fed = fill(settings, enqueue, depth, broker.capacity, budget_s=budget)
             if once:
                 click.echo(f"re-enqueued {count} job(s)")
                 return
@@ -110,4 +114,5 @@ def reconcile(interval: float, deadline: float | None, once: bool) -> None:
             if once:
                 raise
             log.warning("pass failed: %s", error)
-        time.sleep(settings.feed_interval_s)
+        # While batches are being fed, top their lanes up often: they are kept shallow.
+        time.sleep(min(settings.feed_interval_s, 0.1) if fed else settings.feed_interval_s)

@@ -13,7 +13,7 @@ reason) and never become jobs.
 Row-level SQL lives in `services.storage.batch_rows`.
 """
 
-from services.batches.feeder import feed
+from services.batches.feeder import feed, fill
 from services.batches.ingest import check_owner_room, ingest
 from services.batches.lifecycle import cancel, finalize_if_done
 from services.batches.parsing import (
@@ -39,6 +39,7 @@ __all__ = [
     "cancel",
     "check_owner_room",
     "feed",
+    "fill",
     "finalize_if_done",
     "ingest",
     "parse_defaults",

@@ -72,6 +72,12 @@ class Room:
     def largest(self) -> int:
         return max((n for n in self.left.values()), default=0)
 
+    def share(self, tasks: Sequence[StageTask], turns: int) -> int:
+        """Messages one of `turns` owners may take now for the role of `tasks` (at least
+        what these tasks need, so every turn makes progress when there is room)."""
+        role = tasks[0].queue.split(".", 1)[0] if tasks else ROLES[0]
+        return max(len(tasks), self.left.get(role, 0) // max(1, turns))
+
     def fits(self, tasks: Sequence[StageTask]) -> bool:
         need: dict[str, int] = {}
         for task in tasks:
@@ -97,23 +103,33 @@ def feed(
 ) -> int:
     """One feeder pass (the reconciler's loop, the API after an upload, `tandem batch
     feed`): fail uploads that died while validating, finalize batches whose jobs are all
-    final, then feed owners in turns while there is room. Returns how many jobs were fed."""
+    final, then `fill`. Returns how many jobs were fed."""
+    fail_stale_uploads(settings.database_url)
+    finalize_finished(settings.database_url)
+    return fill(settings, enqueue, queue_depth, capacity, budget_s)
+
+
+def fill(
+    settings: Settings,
+    enqueue: Enqueue,
+    queue_depth: QueueDepth | None,
+    capacity: Capacity | None = None,
+    budget_s: float = 5.0,
+) -> int:
+    """Feed owners in turns while the batch lanes have room; returns how many jobs were
+    fed. Cheap when there is nothing to feed (one query)."""
     url = settings.database_url
-    fail_stale_uploads(url)
-    finalize_finished(url)
     with transaction(url) as session:
         owners = batch_rows.unfed_by_owner(session)
     room = Room.measure(settings, queue_depth, capacity)
     deadline = time.monotonic() + budget_s
     fed = 0
     while owners and room.total() > 0 and time.monotonic() < deadline:
-        # An equal turn for each owner, from the roomiest role (a batch's first stages
-        # usually all go to one role).
-        share = max(1, min(FEED_CHUNK, room.largest() // len(owners)))
         progress = 0
+        at_start = Room(dict(room.left))  # each turn is a share of the room the round began with
         for owner in list(owners):
             batch_id = owners[owner][0]
-            count, exhausted = feed_batch(url, batch_id, enqueue, room, share)
+            count, exhausted = feed_batch(url, batch_id, enqueue, room, len(owners), at_start)
             progress += count
             if exhausted:
                 owners[owner].pop(0)
@@ -126,12 +142,18 @@ def feed(
 
 
 def feed_batch(
-    url: str, batch_id: str, enqueue: Enqueue, room: Room, limit: int
+    url: str,
+    batch_id: str,
+    enqueue: Enqueue,
+    room: Room,
+    turns: int = 1,
+    round_room: Room | None = None,
 ) -> tuple[int, bool]:
-    """Feed up to `limit` of the batch's next jobs, as far as `room` allows. Returns how
-    many jobs were fed and whether the batch has nothing left to feed (or is not in progress
-    / held by another feeder)."""
-    taken = _take(url, batch_id, room, limit)
+    """Feed the batch's next jobs: one turn of `turns` (an equal share of `round_room`, the
+    room when this round of turns began), as far as `room` allows. Returns how many jobs were
+    fed and whether the batch has nothing left to feed (or is not in progress, or another
+    feeder holds it)."""
+    taken = _take(url, batch_id, room, turns, round_room or room)
     if taken is None:
         return 0, True
     tasks, fed, exhausted = taken
@@ -141,11 +163,12 @@ def feed_batch(
 
 
 def _take(
-    url: str, batch_id: str, room: Room, limit: int
+    url: str, batch_id: str, room: Room, turns: int, round_room: Room
 ) -> tuple[list[StageTask], int, bool] | None:
-    """Move the batch's feed cursor over its next jobs that fit in `room`, granting their
-    first steps' leases; returns their tasks (to publish after this commits), how many jobs
-    were passed, and whether the batch is fully fed."""
+    """Move the batch's feed cursor over its next jobs that fit in its share of `room`,
+    granting their first steps' leases; returns their tasks (to publish after this
+    commits), how many jobs were passed, and whether the batch is fully fed."""
+    limit = max(1, min(FEED_CHUNK, round_room.largest() // turns))  # jobs this turn, at most
     with transaction(url) as session:
         batch = batch_rows.lock_in(session, batch_id, (BatchStatus.IN_PROGRESS,))
         if batch is None:
@@ -157,6 +180,7 @@ def _take(
         tasks: list[StageTask] = []
         leases: list[dict] = []
         passed = 0
+        share: int | None = None
         for job in jobs:
             if job.status == JobStatus.QUEUED:
                 granted = _grant_first(session, job, batch_id, now)
@@ -164,7 +188,8 @@ def _take(
                     passed += 1
                     continue
                 job_tasks, job_leases = granted
-                if not room.fits(job_tasks):
+                share = round_room.share(job_tasks, turns) if share is None else share
+                if not room.fits(job_tasks) or len(tasks) + len(job_tasks) > share:
                     break
                 room.take(job_tasks)
                 tasks += job_tasks
