@@ -11,13 +11,16 @@ back, finds no such token and is dropped.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 
 from sqlalchemy import func
 
 from services.core.params import JobParams
 from services.core.steps import Step
+from services.core.strategies import is_strategy
 from services.jobs.leases import granted, leases_to_json, new_token
 from services.jobs.messages import Grant
 from services.jobs.view import JobView, PoisonJob, lock
@@ -49,7 +52,51 @@ def start(
     deadline_s: float,
     max_attempts: int,
 ) -> Started | None:
-    """Take the lease of step `seq` for this delivery; None drops the delivery."""
+    """Take the lease of step `seq` for this delivery; None drops the delivery. The common
+    case is one statement (`job_rows.take_lease`); anything unusual (a stale or duplicate
+    message, a cancel, the attempt cap, a job that cannot be driven) is sorted out under the
+    row lock by `_start_checked`."""
+    if grant is not None:
+        started = _start_granted(url, job_id, seq, grant, deadline_s, max_attempts)
+        if started is not None:
+            return started
+    return _start_checked(url, job_id, seq, grant, deadline_s, max_attempts)
+
+
+def _start_granted(
+    url: str, job_id: str, seq: int, grant: Grant, deadline_s: float, max_attempts: int
+) -> Started | None:
+    holder = new_token()
+    with soft_transaction(url) as session:
+        row = job_rows.take_lease(
+            session, job_id, seq, grant.token, holder, grant.retry_of, deadline_s, max_attempts
+        )
+        if row is None:
+            return None
+        try:
+            params = params_of(row.strategy, json.dumps(row.params, sort_keys=True))
+        except ValueError:  # a job that cannot be driven: undo, and let the checks fail it
+            session.rollback()
+            return None
+    return Started(job_id, seq, grant.step, params, grant.token, holder, row.attempt)
+
+
+@lru_cache(maxsize=1024)
+def params_of(strategy: str, params_json: str) -> JobParams:
+    """A job's params (validated once per distinct value; raises ValueError if invalid)."""
+    if not is_strategy(strategy):
+        raise ValueError(f"unknown strategy {strategy!r}")
+    return JobParams.model_validate_json(params_json)
+
+
+def _start_checked(
+    url: str,
+    job_id: str,
+    seq: int,
+    grant: Grant | None,
+    deadline_s: float,
+    max_attempts: int,
+) -> Started | None:
     with soft_transaction(url) as session:
         view = lock(session, job_id, with_records=grant is None)
         if view is None or view.final:

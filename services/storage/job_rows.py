@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
 from services.core.params import JobParams
@@ -81,6 +81,68 @@ _LOCKED_COLUMNS = (
     "question",
     "strategy",
     "params",
+)
+
+
+def take_lease(
+    session: Session,
+    job_id: str,
+    seq: int,
+    token: str,
+    holder: str,
+    retry_of: str | None,
+    deadline_s: float,
+    max_attempts: int,
+) -> Any | None:
+    """Start step `seq` under the lease `token` in one statement, if nothing stands in the
+    way: the job runs and is not cancelled, the lease is this token's, nobody live holds it
+    (or its holder is the one `retry_of` names), and it has attempts left. Returns the job's
+    params and strategy and the lease's attempt count, or None (the caller then looks closer,
+    under the row lock). The UPDATE waits for a transaction holding the row and re-checks
+    these conditions on what it committed."""
+    return session.execute(
+        _TAKE_LEASE,
+        {
+            "id": job_id,
+            "seq": str(seq),
+            "token": token,
+            "holder": holder,
+            "retry_of": retry_of,
+            "deadline": deadline_s,
+            "max_attempts": max_attempts,
+        },
+    ).first()
+
+
+_TAKE_LEASE = text(
+    """
+    UPDATE jobs
+    SET leases = jsonb_set(
+            leases,
+            ARRAY[CAST(:seq AS text)],
+            (leases -> CAST(:seq AS text)) || jsonb_build_object(
+                'holder', CAST(:holder AS text),
+                'until', extract(epoch FROM clock_timestamp()) + CAST(:deadline AS numeric),
+                'attempts', coalesce((leases -> CAST(:seq AS text) ->> 'attempts')::int, 0) + 1
+            )
+        ),
+        attempts = attempts + 1,
+        status = 'running',
+        started_at = coalesce(started_at, now()),
+        updated_at = now()
+    WHERE id = :id
+      AND status IN ('queued', 'running')
+      AND NOT cancel_requested
+      AND leases -> CAST(:seq AS text) ->> 'token' = :token
+      AND coalesce((leases -> CAST(:seq AS text) ->> 'attempts')::int, 0) < :max_attempts
+      AND (
+          leases -> CAST(:seq AS text) ->> 'holder' IS NULL
+          OR (leases -> CAST(:seq AS text) ->> 'until')::float8
+             <= extract(epoch FROM clock_timestamp())
+          OR leases -> CAST(:seq AS text) ->> 'holder' = CAST(:retry_of AS text)
+      )
+    RETURNING params, strategy, (leases -> CAST(:seq AS text) ->> 'attempts')::int AS attempt
+    """
 )
 
 

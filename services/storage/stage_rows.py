@@ -51,10 +51,11 @@ def add_stage(
     no-op. `created_at`: when the stage finished (default: now)."""
     values = {name: getattr(record, name) for name in RECORD_FIELDS}
     dialect = session.get_bind().dialect.name
-    insert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(Stage)
+    stages = Stage.__table__  # Core, not the ORM's bulk path: this is the hot path
+    insert = (postgresql_insert if dialect == "postgresql" else sqlite_insert)(stages)
     statement = (
         insert.values(job_id=job_id, seq=record.seq, created_at=created_at or utcnow(), **values)
         .on_conflict_do_nothing(index_elements=["job_id", "seq"])
-        .returning(Stage.id)
+        .returning(stages.c.id)
     )
     return session.execute(statement).first() is not None
