@@ -60,6 +60,11 @@ def stage(self, job_id: str, seq: int, grant: dict[str, Any] | None = None, **_o
         raise self.retry(
             kwargs={"grant": failed.grant.to_json()}, countdown=backoff(self.request.retries)
         ) from None
+    except Exception as error:  # Postgres or Redis away before the stage held its lease
+        log.warning("stage not started: %s", error, extra={"job_id": job_id, "seq": seq})
+        RETRIES.labels(queue).inc()
+        kwargs = {"grant": grant} if grant else {}
+        raise self.retry(kwargs=kwargs, countdown=backoff(self.request.retries)) from None
     finally:
         IN_FLIGHT.labels(queue).dec()
     enqueue(left)
