@@ -251,7 +251,7 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
-    event: Mapped[WebhookEvent] = relationship(lazy="joined")
+    event: Mapped[WebhookEvent] = relationship(lazy="joined", innerjoin=True)
 
 
 # --- usage kept past retention (services/retention) -----------------------------------------
