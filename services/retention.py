@@ -171,9 +171,10 @@ def delete_job(session: Session, job_id: str, owner: str) -> str:
 
 
 def _doomed_batches(url: str, cutoff: datetime | None) -> list[str]:
-    deleted = Batch.deleted_at.is_not(None)
-    expired = and_(Batch.status.in_(FINAL_BATCH_STATUSES), Batch.finished_at < cutoff)
-    where = deleted if cutoff is None else or_(deleted, expired)
+    where = Batch.deleted_at.is_not(None)
+    if cutoff is not None:
+        expired = and_(Batch.status.in_(FINAL_BATCH_STATUSES), Batch.finished_at < cutoff)
+        where = or_(where, expired)
     with transaction(url) as session:
         query = select(Batch.id).where(where).order_by(Batch.id).limit(BATCHES_PER_PASS)
         return list(session.scalars(query))
