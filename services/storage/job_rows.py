@@ -180,7 +180,7 @@ def mark_cancelled(session: Session, job_id: str, **values: Any) -> bool:
 
 def _finish(session: Session, job_id: str, status: JobStatus, **values: Any) -> bool:
     """A final status; a finished job holds no leases. The job's webhook event (if its
-    owner subscribes) is written by the same statement: only when the job changed."""
+    owner subscribes) is written in the same transaction, only when the job changed."""
     values["leases"] = {}
     statement = _guarded(job_id, status=status, finished_at=func.now(), **values)
     return webhook_rows.finish_job(session, statement, JOB_EVENTS[status])

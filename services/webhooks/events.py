@@ -2,10 +2,10 @@
 
 An event is written in the transaction of the status change it reports (the outbox), and
 only when one of its owner's endpoints subscribes to its type: an owner without endpoints
-costs nothing, an event never outlives a rolled-back change, and none is written for a
-change that did not happen. Job events come from `services.storage.job_rows` (the UPDATE
-that ends a job writes them, in the same statement); batch events from `emit_batch`, called
-where a batch reaches its final status.
+costs one indexed lookup and writes nothing, an event never outlives a rolled-back change,
+and none is written for a change that did not happen. Job events come from
+`services.storage.job_rows` (right after the UPDATE that ends a job, only when it changed
+the job); batch events from `emit_batch`, called where a batch reaches its final status.
 
 Jobs of a batch send no job events (a million-line batch would send a million): the batch's
 own event says when its results are ready.
