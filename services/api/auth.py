@@ -105,6 +105,8 @@ class KeyCache:
             self._failures = {
                 a: entry for a, entry in self._failures.items() if now - entry[0] < WINDOW_S
             }
+            if len(self._failures) >= ADDRESSES:  # that many addresses this minute: start over
+                self._failures = {}
         self._failures[address] = (start, failures + 1)
 
     def _remember_unknown(self, digest: str, now: float) -> None:
