@@ -14,9 +14,12 @@ import time
 
 import redis
 
-from services.queues import ROLES, STAGE_QUEUES
+from services.queues import ROLES, STAGE_QUEUES, WEBHOOK_QUEUE
 
 CAPACITY_TTL_S = 30  # a worker refreshes its key every third of this
+# Every queue whose depth is reported (tandem_queue_depth, what KEDA scales on); the
+# webhooks queue is kept at most 1000 deep by its dispatcher, far below any admission limit.
+QUEUES = (*STAGE_QUEUES, WEBHOOK_QUEUE)
 
 
 class BrokerUnavailable(RuntimeError):
@@ -41,9 +44,9 @@ class Broker:
                 return self._depths
         try:
             pipe = self._client.pipeline(transaction=False)
-            for queue in STAGE_QUEUES:
+            for queue in QUEUES:
                 pipe.llen(queue)
-            depths = dict(zip(STAGE_QUEUES, (int(n) for n in pipe.execute()), strict=True))
+            depths = dict(zip(QUEUES, (int(n) for n in pipe.execute()), strict=True))
         except redis.RedisError as error:
             with self._lock:
                 self._depths = None

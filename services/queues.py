@@ -11,6 +11,9 @@ ones are empty):
 Celery's Redis transport keeps each queue as a Redis list of that name, so its depth is one
 LLEN. A worker for a role runs `celery -A workers worker -Q <role>,<role>.batch,<role>.batch-new`
 (kombu's `queue_order_strategy: priority` keeps that order; see workers/app.py).
+
+Webhook deliveries have a queue of their own, `webhooks`, and a worker of their own; it is
+not a stage queue (no role, no lanes).
 """
 
 from __future__ import annotations
@@ -44,3 +47,5 @@ def role_queues(role: str) -> tuple[str, ...]:
 
 
 STAGE_QUEUES = tuple(queue for role in ROLES for queue in role_queues(role))
+
+WEBHOOK_QUEUE = "webhooks"

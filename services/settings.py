@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # local: llama.cpp in this process; sglang: a server speaking the OpenAI-compatible
@@ -149,6 +149,47 @@ class Settings(BaseSettings):
     max_batch_lines_per_owner: int = Field(default=1_000_000, ge=0)  # unfinished; 0: off
     rate_limit_per_minute: int = Field(default=6000, ge=0)  # per key; 0: off
     max_active_jobs: int = Field(default=10_000, ge=0)  # unfinished single jobs per key; 0: off
+    # API keys: how long a process trusts what it looked up (a revoked key is refused within
+    # this; last_used_at is written at most once per key per process in this time), and how
+    # many unknown keys one client address may try per minute before it is turned away
+    # without a database lookup (0: no limit).
+    key_cache_ttl_s: float = Field(default=30.0, gt=0, le=3600)
+    invalid_keys_per_minute: int = Field(default=60, ge=0)
+    # Absolute base of the URLs in webhook payloads (e.g. https://api.example.com); unset:
+    # the payload's `url` is a path.
+    public_url: str | None = None
+
+    # Webhooks (docs/webhooks.md): one attempt's whole time (connect, send, answer), its
+    # connect part, the backoff between attempts (doubling from webhook_backoff_s up to
+    # webhook_backoff_max_s, with jitter), and how long a delivery is retried before it fails.
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    webhook_connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    webhook_backoff_s: float = Field(default=5.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=10_800.0, gt=0)
+    webhook_retry_for_s: float = Field(default=86_400.0, ge=0)
+    # Outbound safety: receivers must be public addresses, unless these allow more.
+    # allow_private: any private, loopback, link-local or CGNAT address (never the cloud
+    # metadata ones); allowed_cidrs: comma-separated networks allowed whatever they are.
+    webhook_allow_private: bool = False
+    webhook_allowed_cidrs: str = ""
+
+    # Retention (docs/operations.md): finished jobs and batches older than this many days are
+    # deleted by the reconciler, their costs kept in per-owner counters; unset: kept forever.
+    retention_days: float | None = Field(default=None, gt=0)
+
+    @field_validator("webhook_allowed_cidrs")
+    @classmethod
+    def _cidrs(cls, value: str) -> str:
+        import ipaddress
+
+        for part in filter(None, (piece.strip() for piece in value.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"TANDEM_WEBHOOK_ALLOWED_CIDRS: {part!r} is not a network (e.g. 10.0.0.0/8)"
+                ) from None
+        return value
 
     @model_validator(mode="after")
     def _stage_timeout_below_redelivery(self) -> Settings:

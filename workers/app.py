@@ -9,15 +9,15 @@ import time
 from celery import Celery, signals
 from kombu import Queue
 
-from services.queues import STAGE_QUEUES
+from services.queues import STAGE_QUEUES, WEBHOOK_QUEUE
 from services.settings import get_settings
 
 
 def make_app() -> Celery:
     settings = get_settings()
-    app = Celery("tandem", broker=settings.redis_url, include=["workers.tasks"])
+    app = Celery("tandem", broker=settings.redis_url, include=["workers.tasks", "workers.webhooks"])
     app.conf.update(
-        task_queues=[Queue(name) for name in STAGE_QUEUES],
+        task_queues=[Queue(name) for name in (*STAGE_QUEUES, WEBHOOK_QUEUE)],
         task_default_queue="executor",
         task_serializer="json",
         accept_content=["json"],

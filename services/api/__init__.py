@@ -6,6 +6,7 @@
     dashboard   /dashboard and /v1/dashboard
     metrics     /metrics, and request timing for every route
     docs        /openapi.json and /docs
+    webhooks    /v1/webhook_endpoints
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def create_app(
     settings: Settings | None = None,
     enqueue: Callable[[Sequence], None] | None = None,
 ) -> Flask:
-    from services.api import batches, dashboard, docs, health, jobs, metrics, problems
+    from services.api import batches, dashboard, docs, health, jobs, metrics, problems, webhooks
     from services.api.admission import Admission
     from services.api.auth import KeyCache
     from services.api.limits import RateLimiter
@@ -43,6 +44,6 @@ def create_app(
     problems.install(app)
     metrics.init_app(app)
     batches.init_app(app)
-    for blueprint in (health.bp, jobs.bp, batches.bp, dashboard.page, dashboard.api, docs.bp):
+    for blueprint in (health.bp, jobs.bp, batches.bp, dashboard.page, dashboard.api, docs.bp, webhooks.bp):
         app.register_blueprint(blueprint)
     return app

@@ -6,6 +6,7 @@ import logging
 
 from services.api.problems import Problem
 from services.broker import Broker, BrokerUnavailable
+from services.queues import STAGE_QUEUES
 
 log = logging.getLogger("tandem.api")
 
@@ -25,7 +26,7 @@ class Admission:
                 "the job queue is unavailable; nothing was accepted, retry shortly",
                 headers={"Retry-After": "5"},
             ) from None
-        deepest = max(depths.values(), default=0)
+        deepest = max((depths[queue] for queue in STAGE_QUEUES if queue in depths), default=0)
         if deepest + new_jobs > self.max_queue_depth:
             raise Problem(
                 429,

@@ -1,4 +1,4 @@
-"""/v1/batches: upload JSONL, read progress, stream results, cancel. The logic lives in
+"""/v1/batches: upload JSONL, read progress, stream results, cancel, delete. The logic lives in
 services.batches; this module adapts it to HTTP."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from services.core.requests import InvalidRequest
 from services.storage import batch_rows
 from services.storage.db import in_transaction, transaction
 from services.storage.models import Batch
-from services.storage.statuses import ACTIVE_BATCH_STATUSES, BatchStatus
+from services.storage.statuses import ACTIVE_BATCH_STATUSES, FINAL_BATCH_STATUSES, BatchStatus
 
 bp = Blueprint("batches", __name__, url_prefix="/v1/batches")
 log = logging.getLogger("tandem.api.batches")
@@ -231,7 +231,7 @@ def list_batches() -> Response:
     owner = authenticate()
     args = request.args
     pages.check_query(args, ("status", "limit", "cursor"))
-    query = select(Batch).where(Batch.owner == owner)
+    query = select(Batch).where(Batch.owner == owner, Batch.deleted_at.is_(None))
     if status := args.get("status"):
         if status not in set(BatchStatus):
             raise Problem(400, f"status must be one of {', '.join(BatchStatus)}")
@@ -291,6 +291,28 @@ def cancel_batch(batch_id: str) -> Response:
 
     in_transaction(url, cancel)  # the UPDATE of many jobs can lose a deadlock: run it again
     return jsonify(view(batch_id, owner))
+
+
+DELETE_BUDGET_S = 10.0  # of row deletions within the request; the reconciler does the rest
+
+
+@bp.delete("/<batch_id>")
+def delete_batch(batch_id: str) -> tuple[Response, int]:
+    """A finished batch with its jobs and stages. It answers 404 from now on; its rows are
+    deleted within the request (200) or, for a very large batch, by the reconciler (202)."""
+    from services import retention
+
+    owner = authenticate()
+    url = settings().database_url
+    with transaction(url) as session:
+        batch = owned(session, batch_id, owner, lock=True)
+        if batch.status not in FINAL_BATCH_STATUSES:
+            raise Problem(409, f"batch {batch.id} is {batch.status}; cancel it, or wait for it to end")
+        retention.mark_batch_deleted(session, batch)
+        deleted_id = batch.id
+    gone = retention.delete_batch_rows(url, deleted_id, DELETE_BUDGET_S)
+    body = {"id": deleted_id, "object": "batch", "deleted": True, "rows_deleted": gone}
+    return jsonify(body), 200 if gone else 202
 
 
 # --- OpenAPI ----------------------------------------------------------------------------
@@ -378,7 +400,18 @@ add_paths(
                 "summary": "A batch: status, counts, cost so far, ETA, invalid lines",
                 "parameters": [_ID],
                 "responses": {"200": {"description": "the batch", **_BATCH}, **ERRORS},
-            }
+            },
+            "delete": {
+                "summary": "Delete a finished batch with its jobs (202: the rest is deleted "
+                "in the background)",
+                "parameters": [_ID],
+                "responses": {
+                    "200": {"description": "deleted"},
+                    "202": {"description": "gone from the API; rows still being deleted"},
+                    "409": ERRORS["400"],
+                    **ERRORS,
+                },
+            },
         },
         "/v1/batches/{batch_id}/results": {
             "get": {

@@ -1,4 +1,5 @@
-"""Service-mode commands: `tandem api`, `tandem keys create`, `tandem reconcile`."""
+"""Service-mode commands: `tandem api`, `tandem keys create|list|revoke`, `tandem reconcile`
+(which also dispatches webhooks and purges), `tandem purge`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ def register(cli: click.Group) -> None:
     cli.add_command(api)
     cli.add_command(keys)
     cli.add_command(reconcile)
+    cli.add_command(purge)
 
 
 @click.command(help="Serve the REST API (gunicorn, threaded workers).")
@@ -71,9 +73,106 @@ def keys_create(owner: str) -> None:
     click.echo(key)
 
 
+@keys.command("list", help="List API keys: id, prefix, owner, created, last used, revoked.")
+@click.option("--owner", help="Only this owner's keys.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line")
+def keys_list(owner: str | None, as_json: bool) -> None:
+    import json
+
+    from sqlalchemy import select
+
+    from services.storage.db import transaction
+    from services.storage.models import ApiKey
+
+    query = select(ApiKey).order_by(ApiKey.created_at, ApiKey.id)
+    if owner is not None:
+        query = query.where(ApiKey.owner == owner)
+    with transaction(get_settings().database_url) as session:
+        rows = [_key_row(key) for key in session.scalars(query)]
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(row))
+        return
+    columns = ("id", "prefix", "owner", "created_at", "last_used_at", "revoked_at")
+    table = [columns, *[tuple(row[c] or "-" for c in columns) for row in rows]]
+    widths = [max(len(str(line[i])) for line in table) for i in range(len(columns))]
+    for line in table:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip())
+
+
+def _key_row(key) -> dict[str, str | None]:
+    def when(moment) -> str | None:
+        return moment.isoformat(timespec="seconds") if moment else None
+
+    return {
+        "id": key.id,
+        "prefix": key.prefix,
+        "owner": key.owner,
+        "created_at": when(key.created_at),
+        "last_used_at": when(key.last_used_at),
+        "revoked_at": when(key.revoked_at),
+    }
+
+
+@keys.command(
+    "revoke",
+    help="Revoke the key whose prefix (as `keys list` shows it) or id is PREFIX. The API "
+    "refuses it within TANDEM_KEY_CACHE_TTL_S.",
+)
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    from sqlalchemy import or_, select
+
+    from services.cli import Fail
+    from services.storage.db import transaction
+    from services.storage.models import ApiKey, utcnow
+
+    prefix = prefix.strip()
+    if len(prefix) < 5:
+        raise Fail("give at least 5 characters of the key's prefix (or its id)")
+    with transaction(get_settings().database_url) as session:
+        matches = list(
+            session.scalars(
+                select(ApiKey)
+                .where(or_(ApiKey.id == prefix, ApiKey.prefix.startswith(prefix, autoescape=True)))
+                .with_for_update()
+            )
+        )
+        if not matches:
+            raise Fail(f"no API key with prefix or id {prefix!r} (see `tandem keys list`)")
+        if len(matches) > 1:
+            listed = ", ".join(f"{key.id} ({key.owner})" for key in matches)
+            raise Fail(f"{len(matches)} keys match {prefix!r}: {listed}; revoke one by its id")
+        key = matches[0]
+        if key.revoked_at is not None:
+            click.echo(f"{key.id} ({key.prefix}..., {key.owner}) was already revoked")
+            return
+        key.revoked_at = utcnow()
+    ttl = get_settings().key_cache_ttl_s
+    click.echo(f"revoked {key.id} ({key.prefix}..., {key.owner}); refused within {ttl:g} s")
+
+
+@click.command(
+    help="Delete finished jobs (with their stages), finished batches and ended webhook "
+    "deliveries older than DAYS, in short chunks; their costs stay in the usage rollups."
+)
+@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True, help="DAYS")
+@click.option("--chunk", type=click.IntRange(1, 10_000), default=500, show_default=True,
+              help="Rows per transaction")
+def purge(days: float, chunk: int) -> None:
+    from datetime import timedelta
+
+    from services.retention import purge as run_purge
+
+    report = run_purge(get_settings().database_url, timedelta(days=days), chunk=chunk)
+    click.echo(str(report))
+
+
 @click.command(
     help="The reconciler: feed batches every TANDEM_FEED_INTERVAL_S, and re-send what was "
-    "lost (jobs with no progress within the stage deadline) every --interval seconds."
+    "lost (jobs with no progress within the stage deadline) every --interval seconds. It "
+    "also sends due webhook deliveries to their queue at every pass, and purges (deleted "
+    "batches; with TANDEM_RETENTION_DAYS, what is older) in a thread of its own."
 )
 @click.option(
     "--interval", type=float, default=30.0, show_default=True, help="Seconds between passes"
@@ -87,7 +186,11 @@ def reconcile(interval: float, deadline: float | None, once: bool) -> None:
     from services.broker import Broker
     from services.jobs import reconcile as reconcile_pass
     from services.observability import serve_queue_depths, setup_logging
+    from services.retention import start_purging
+    from services.webhooks.dispatch import dispatch as dispatch_webhooks
     from workers.tasks import enqueue
+    from workers.webhooks import publish as publish_webhooks
+    from workers.webhooks import queue_depth as webhook_depth
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
@@ -96,6 +199,8 @@ def reconcile(interval: float, deadline: float | None, once: bool) -> None:
         serve_queue_depths(broker, settings.metrics_port)
     log = logging.getLogger("tandem.reconciler")
     depth = broker.depth
+    if not once:
+        start_purging(settings)
     last_pass = float("-inf")
     while True:
         fed = 0
@@ -108,11 +213,16 @@ def reconcile(interval: float, deadline: float | None, once: bool) -> None:
             else:
                 fed = fill(settings, enqueue, depth, broker.capacity, budget_s=budget)
             if once:
-                click.echo(f"re-enqueued {count} job(s)")
+                sent = dispatch_webhooks(settings, publish_webhooks, webhook_depth)
+                click.echo(f"re-enqueued {count} job(s); dispatched {sent} webhook(s)")
                 return
         except Exception as error:  # keep the loop alive through a database or broker outage
             if once:
                 raise
             log.warning("pass failed: %s", error)
+        try:
+            dispatch_webhooks(settings, publish_webhooks, webhook_depth)
+        except Exception as error:
+            log.warning("webhook dispatch failed: %s", error)
         # While batches are being fed, top their lanes up often: they are kept shallow.
         time.sleep(min(settings.feed_interval_s, 0.1) if fed else settings.feed_interval_s)

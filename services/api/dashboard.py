@@ -30,7 +30,7 @@ from services.api.docs import ERRORS, add_paths
 from services.api.formats import iso
 from services.api.jobs import owned_job
 from services.api.problems import Problem
-from services.storage import costs, job_rows
+from services.storage import costs, job_rows, usage_rows
 from services.storage.costs import StageSums
 from services.storage.db import transaction
 from services.storage.models import Batch, Job, Stage, utcnow
@@ -94,15 +94,27 @@ def _hours(raw: str) -> int:
 
 
 def job_totals(session: Session, owner: str, since: datetime) -> dict[str, Any]:
+    """The owner's jobs created in the window by status, with their cost: the rows still
+    stored plus the usage rollups of those deleted (retention, DELETE)."""
     in_window = (Job.owner == owner, Job.created_at >= since)
     counts = job_rows.status_counts(session, *in_window)
     cost = costs.over_jobs(session, *in_window)
+    for (_strategy, status), values in usage_rows.window(session, owner, since).items():
+        counts[status] = counts.get(status, 0) + int(values[0])
+        cost = usage_rows.plus(cost, usage_rows.as_sums(values))
     return {"counts": counts, "total": sum(counts.values()), **cost.to_dict()}
 
 
 def strategy_totals(session: Session, owner: str, since: datetime) -> list[dict[str, Any]]:
-    """Per strategy, finished jobs in the window: how many, and mean TFLOPs per job."""
+    """Per strategy, succeeded jobs in the window (stored and rolled up): how many, and
+    mean TFLOPs per job."""
     succeeded = (Job.owner == owner, Job.created_at >= since, Job.status == JobStatus.SUCCEEDED)
+    merged = {strategy: (jobs, cost) for strategy, jobs, cost in costs.by_strategy(session, *succeeded)}
+    for (strategy, status), values in usage_rows.window(session, owner, since).items():
+        if status == JobStatus.SUCCEEDED:
+            jobs, cost = merged.get(strategy, (0, StageSums()))
+            rolled = usage_rows.as_sums(values)
+            merged[strategy] = (jobs + int(values[0]), usage_rows.plus(cost, rolled))
     return [
         {
             "strategy": strategy,
@@ -110,14 +122,14 @@ def strategy_totals(session: Session, owner: str, since: datetime) -> list[dict[
             "mean_tflops": round(cost.tflops / jobs, 9) if jobs else 0.0,
             "mean_generated_tokens": round(cost.generated_tokens / jobs, 2) if jobs else 0,
         }
-        for strategy, jobs, cost in costs.by_strategy(session, *succeeded)
+        for strategy, (jobs, cost) in sorted(merged.items())
     ]
 
 
 def latest_batches(session: Session, owner: str) -> list[dict[str, Any]]:
     latest = session.scalars(
         select(Batch)
-        .where(Batch.owner == owner)
+        .where(Batch.owner == owner, Batch.deleted_at.is_(None))
         .order_by(Batch.created_at.desc(), Batch.id.desc())
         .limit(LISTED)
     )

@@ -29,7 +29,10 @@ _schemas: dict[str, Any] = {}
 
 
 def add_paths(paths: dict[str, Any], schemas: dict[str, Any] | None = None) -> None:
-    _paths.update(paths)
+    """Add operations; a path some module described already gets the new methods beside its
+    own (a DELETE added next to a GET)."""
+    for path, operations in paths.items():
+        _paths.setdefault(path, {}).update(operations)
     _schemas.update(schemas or {})
 
 

@@ -1,4 +1,4 @@
-"""/v1/jobs: submit, read, list, cancel."""
+"""/v1/jobs: submit, read, list, cancel, delete."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from services import jobs as job_service
 from services.api import pages
 from services.api.auth import authenticate
+from services.api.docs import ERRORS, add_paths
 from services.api.formats import iso
 from services.api.limits import check_active_quota
 from services.api.problems import Problem
@@ -165,3 +166,40 @@ def list_jobs() -> Response:
             session, query, Job, args, 50, lambda job: job_json(job, with_stages=False)
         )
     return jsonify(page)
+
+
+@bp.delete("/<job_id>")
+def delete_job(job_id: str) -> Response:
+    """A finished single job and its stages, gone from Postgres (its cost stays counted in
+    the owner's usage rollups). A batch's job goes with its batch."""
+    from services.retention import delete_job as delete
+
+    owner = authenticate()
+    outcome = in_transaction(settings().database_url, lambda s: delete(s, job_id, owner))
+    shown = job_id[: job_rows.ID_MAX]
+    if outcome == "missing":
+        raise Problem(404, f"no job {shown!r}")
+    if outcome == "unfinished":
+        raise Problem(409, f"job {shown} is not finished; cancel it first, then delete it")
+    if outcome == "in_batch":
+        raise Problem(409, f"job {shown} is a line of a batch; delete the batch instead")
+    return jsonify({"id": shown, "object": "job", "deleted": True})
+
+
+add_paths(
+    {
+        "/v1/jobs/{job_id}": {
+            "delete": {
+                "summary": "Delete a finished job (not a batch's) with its stages",
+                "parameters": [
+                    {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "deleted"},
+                    "409": ERRORS["400"],
+                    **ERRORS,
+                },
+            }
+        }
+    }
+)

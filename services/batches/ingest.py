@@ -26,6 +26,7 @@ from services.storage import batch_rows
 from services.storage.db import add_unless_taken, transaction
 from services.storage.models import Batch, utcnow
 from services.storage.statuses import BatchStatus
+from services.webhooks.events import EventType, emit_batch
 
 log = logging.getLogger("tandem.batches")
 
@@ -221,3 +222,4 @@ def _store_rejection(
         failure = {"failure": rejected.reason, **({"upload_broke": True} if upload_broke else {})}
         batch.metadata_ = {**(batch.metadata_ or {}), **failure}
         batch.finished_at = utcnow()
+        emit_batch(session, batch, EventType.BATCH_FAILED)

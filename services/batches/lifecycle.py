@@ -4,6 +4,9 @@ uploads that died half-way.
     validating -> in_progress -> finalizing -> completed
     validating -> failed                      (no valid line, too many lines / invalid lines)
     in_progress -> cancelling -> cancelled    (running jobs stop at their next stage boundary)
+
+Each final status writes the batch's webhook event in the transaction that sets it
+(`emit_batch`: nothing when no endpoint of the owner subscribes).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from services.storage import batch_rows
 from services.storage.db import transaction
 from services.storage.models import Batch, utcnow
 from services.storage.statuses import ACTIVE_BATCH_STATUSES, BatchStatus
+from services.webhooks.events import EventType, emit_batch
 
 STALE_UPLOAD_S = 3600.0  # a batch still validating after this lost its upload
 
@@ -50,6 +54,8 @@ def finalize_if_done(url: str, batch_id: str) -> bool:
         cancelled = batch.status == BatchStatus.CANCELLING
         batch.status = BatchStatus.CANCELLED if cancelled else BatchStatus.COMPLETED
         batch.finished_at = utcnow()
+        event = EventType.BATCH_CANCELLED if cancelled else EventType.BATCH_COMPLETED
+        emit_batch(session, batch, event)
         return True
 
 
@@ -71,4 +77,5 @@ def fail_stale_uploads(url: str, older_than_s: float = STALE_UPLOAD_S) -> int:
             failure = {"failure": "the upload was interrupted", "upload_broke": True}
             batch.metadata_ = {**(batch.metadata_ or {}), **failure}
             batch.finished_at = utcnow()
+            emit_batch(session, batch, EventType.BATCH_FAILED)
         return len(stale)

@@ -27,7 +27,10 @@ def by_idempotency_key(session: Session, owner: str, key: str) -> Batch | None:
 
 
 def owned(session: Session, batch_id: str, owner: str, lock: bool = False) -> Batch | None:
-    query = select(Batch).where(Batch.id == batch_id[:40], Batch.owner == owner)
+    """The owner's batch; None for a missing one, another owner's, or one being deleted."""
+    query = select(Batch).where(
+        Batch.id == batch_id[:40], Batch.owner == owner, Batch.deleted_at.is_(None)
+    )
     return session.scalar(query.with_for_update() if lock else query)
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Update, func, select, text, update
 from sqlalchemy.orm import Session, selectinload
 
 from services.core.params import JobParams
 from services.core.requests import JobRequest
 from services.core.steps import Outcome
+from services.storage import webhook_rows
 from services.storage.models import Batch, Job
 from services.storage.statuses import ACTIVE_JOB_STATUSES, JobStatus
+from services.webhooks.events import JOB_EVENTS
 
 JOBS = Job.__table__
 ID_MAX = 40  # no job id is longer (`job_` + 32 hex digits)
@@ -239,16 +241,21 @@ def mark_cancelled(session: Session, job_id: str, **values: Any) -> bool:
 
 
 def _finish(session: Session, job_id: str, status: JobStatus, **values: Any) -> bool:
-    """A final status; a finished job holds no leases."""
+    """A final status; a finished job holds no leases. The job's webhook event (if its
+    owner subscribes) is written in the same transaction, only when the job changed."""
     values["leases"] = {}
-    return _change(session, job_id, status=status, finished_at=func.now(), **values)
+    statement = _guarded(job_id, status=status, finished_at=func.now(), **values)
+    return webhook_rows.finish_job(session, statement, JOB_EVENTS[status])
 
 
 def _change(session: Session, job_id: str, **values: Any) -> bool:
     """Update an unfinished job; False if it was already final (or is missing)."""
-    statement = (
+    return session.execute(_guarded(job_id, **values)).rowcount > 0
+
+
+def _guarded(job_id: str, **values: Any) -> Update:
+    return (
         update(JOBS)
         .where(JOBS.c.id == job_id, JOBS.c.status.in_(ACTIVE_JOB_STATUSES))
         .values(updated_at=func.now(), **values)
     )
-    return session.execute(statement).rowcount > 0

@@ -70,6 +70,9 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell keys apart
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Written when a process looks the key up again (once per TANDEM_KEY_CACHE_TTL_S), not
+    # per request: accurate to that TTL.
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Batch(Base):
@@ -97,6 +100,9 @@ class Batch(Base):
     # The feeder has put every job of this batch with `line <= fed_through_line` on the queues
     # (jobs are fed in line order, gradually, while the queues have room).
     fed_through_line: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Deleted by its owner (DELETE /v1/batches/{id}): invisible from then on; the rows that
+    # were not deleted within the request are deleted by the next purge (services/retention).
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
@@ -106,6 +112,13 @@ class Job(Base):
         Index("ix_jobs_owner_created", "owner", "created_at", "id"),
         Index("ix_jobs_status_updated", "status", "updated_at"),
         Index("ix_jobs_batch_line", "batch_id", "line"),
+        # Retention: finished single jobs, oldest first (batch jobs go with their batch).
+        Index(
+            "ix_jobs_finished_single",
+            "finished_at",
+            postgresql_where=text("batch_id IS NULL AND finished_at IS NOT NULL"),
+            sqlite_where=text("batch_id IS NULL AND finished_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -167,3 +180,96 @@ class Stage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="stages")
+
+
+# --- webhooks (services/webhooks) -----------------------------------------------------------
+
+
+class WebhookEndpoint(Base):
+    """Where an owner wants events sent. `event_mask`: the subscribed event types as bits
+    (services.webhooks.events), so finding the subscribers of an event is one indexed join."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("we"))
+    owner: Mapped[str] = mapped_column(String(200), index=True)
+    url: Mapped[str] = mapped_column(Text)
+    event_mask: Mapped[int] = mapped_column(Integer)
+    # The signing key (`whsec_` + base64). Kept in clear: signing needs it.
+    secret: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WebhookEvent(Base):
+    """The outbox: an event, written in the transaction of the change it reports, only when
+    some endpoint of its owner subscribes to its type. Its id is the `webhook-id` header."""
+
+    __tablename__ = "webhook_events"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("evt"))
+    owner: Mapped[str] = mapped_column(String(200))
+    type: Mapped[str] = mapped_column(String(40))
+    object_id: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
+
+
+class WebhookDelivery(Base):
+    """One event to one endpoint: its attempts and outcome, and when it is next due
+    (`next_attempt_at`, on the database's clock: the schedule lives here, not in Redis).
+    `dispatches` counts the messages sent for it; a message carries its number, and only
+    the latest one may attempt (an older copy, redelivered, is dropped)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index(
+            "ix_webhook_deliveries_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whd"))
+    endpoint_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE")
+    )
+    event_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_events.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    dispatches: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    # The latest attempts: [{"at", "status_code", "error", "duration_ms"}], oldest first.
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSONType, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+
+    event: Mapped[WebhookEvent] = relationship(lazy="joined", innerjoin=True)
+
+
+# --- usage kept past retention (services/retention) -----------------------------------------
+
+
+class UsageRollup(Base):
+    """What deleted jobs cost, per owner, hour of creation, strategy and final status: the
+    dashboard's totals and billing add these to what is still in `jobs` and `stages`."""
+
+    __tablename__ = "usage_rollups"
+
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)
+    period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    strategy: Mapped[str] = mapped_column(String(40), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), primary_key=True)
+    jobs: Mapped[int] = mapped_column(BigInteger, default=0)
+    tflops: Mapped[float] = mapped_column(Float, default=0.0)
+    prefill_tflops: Mapped[float] = mapped_column(Float, default=0.0)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    generated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
