@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from services import collect_remote, jsonl
-from services.core import classifier
+from services import collect_remote
+from services.core import classifier, jsonl
 from services.core.backends.base import ConfigurationError, entropy_from_top_k
 from services.core.classifier import artifact as artifact_io
 from services.core.classifier import cascade, training
