@@ -123,13 +123,12 @@ def _key_row(key) -> dict[str, str | None]:
 def keys_revoke(prefix: str) -> None:
     from sqlalchemy import or_, select
 
-    from services.cli import Fail
     from services.storage.db import transaction
     from services.storage.models import ApiKey, utcnow
 
     prefix = prefix.strip()
     if len(prefix) < 5:
-        raise Fail("give at least 5 characters of the key's prefix (or its id)")
+        raise click.ClickException("give at least 5 characters of the key's prefix (or its id)")
     with transaction(get_settings().database_url) as session:
         matches = list(
             session.scalars(
@@ -139,10 +138,10 @@ def keys_revoke(prefix: str) -> None:
             )
         )
         if not matches:
-            raise Fail(f"no API key with prefix or id {prefix!r} (see `tandem keys list`)")
+            raise click.ClickException(f"no API key with prefix or id {prefix!r} (see `tandem keys list`)")
         if len(matches) > 1:
             listed = ", ".join(f"{key.id} ({key.owner})" for key in matches)
-            raise Fail(f"{len(matches)} keys match {prefix!r}: {listed}; revoke one by its id")
+            raise click.ClickException(f"{len(matches)} keys match {prefix!r}: {listed}; revoke one by its id")
         key = matches[0]
         if key.revoked_at is not None:
             click.echo(f"{key.id} ({key.prefix}..., {key.owner}) was already revoked")

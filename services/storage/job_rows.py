@@ -20,7 +20,7 @@ from services.core.steps import Outcome
 from services.storage import webhook_rows
 from services.storage.models import Batch, Job
 from services.storage.statuses import ACTIVE_JOB_STATUSES, JobStatus
-from services.webhooks.events import JOB_EVENTS
+from services.webhooks.event_types import JOB_EVENTS
 
 JOBS = Job.__table__
 ID_MAX = 40  # no job id is longer (`job_` + 32 hex digits)

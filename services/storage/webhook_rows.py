@@ -32,7 +32,7 @@ from services.storage.models import (
     WebhookEvent,
     new_id,
 )
-from services.webhooks.events import BITS, EventType
+from services.webhooks.event_types import BITS, EventType
 
 JOBS = Job.__table__
 ENDPOINTS = WebhookEndpoint.__table__

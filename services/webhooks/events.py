@@ -14,30 +14,11 @@ own event says when its results are ready.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-
-class EventType(StrEnum):
-    JOB_SUCCEEDED = "job.succeeded"
-    JOB_FAILED = "job.failed"
-    JOB_CANCELLED = "job.cancelled"
-    BATCH_COMPLETED = "batch.completed"
-    BATCH_FAILED = "batch.failed"
-    BATCH_CANCELLED = "batch.cancelled"
-    BATCH_EXPIRED = "batch.expired"
-
-
-# Each type's bit in webhook_endpoints.event_mask. Stored: never renumber, only add.
-BITS: dict[EventType, int] = {event: 1 << index for index, event in enumerate(EventType)}
-# The job event for each final job status (job_rows' mark_* functions).
-JOB_EVENTS = {
-    "succeeded": EventType.JOB_SUCCEEDED,
-    "failed": EventType.JOB_FAILED,
-    "cancelled": EventType.JOB_CANCELLED,
-}
+from services.webhooks.event_types import BITS, EventType
 
 
 def mask_of(events: list[EventType]) -> int:
