@@ -149,6 +149,11 @@ class Settings(BaseSettings):
     max_batch_lines_per_owner: int = Field(default=1_000_000, ge=0)  # unfinished; 0: off
     rate_limit_per_minute: int = Field(default=6000, ge=0)  # per key; 0: off
     max_active_jobs: int = Field(default=10_000, ge=0)  # unfinished single jobs per key; 0: off
+    # OpenAI surface (docs/openai.md): how long POST /v1/chat/completions waits for its job
+    # before answering 504 (the job goes on: poll /v1/jobs/{id}); the largest file
+    # POST /v1/files takes (it streams into Postgres, so this may exceed max_body_bytes).
+    openai_wait_s: float = Field(default=300.0, gt=0, le=3600)
+    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
 
     @model_validator(mode="after")
     def _stage_timeout_below_redelivery(self) -> Settings:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import bindparam, func, update
 from sqlalchemy.orm import Session
 
-from services.batches.lifecycle import fail_stale_uploads, finalize_finished
+from services.batches.lifecycle import expire_overdue, fail_stale_uploads, finalize_finished
 from services.jobs.dispatch import grant_next
 from services.jobs.leases import leases_to_json
 from services.jobs.messages import StageTask
@@ -93,10 +93,12 @@ def feed(
     budget_s: float = 5.0,
 ) -> int:
     """One feeder pass (the reconciler's loop, the API after an upload, `tandem batch
-    feed`): fail uploads that died while validating, finalize batches whose jobs are all
-    final, then feed owners in turns while there is room. Returns how many jobs were fed."""
+    feed`): fail uploads that died while validating, expire batches past their completion
+    window, finalize batches whose jobs are all final, then feed owners in turns while
+    there is room. Returns how many jobs were fed."""
     url = settings.database_url
     fail_stale_uploads(url)
+    expire_overdue(url)
     finalize_finished(url)
     with transaction(url) as session:
         owners = batch_rows.unfed_by_owner(session)
