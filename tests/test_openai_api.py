@@ -535,6 +535,8 @@ def test_openai_batch_requests_refused_in_both_shapes(
     dual_error(client.post("/v1/batches", json={**body, "metadata": {str(i): "v" for i in range(17)}},
                            headers=headers), 400, "16 pairs")
     dual_error(client.post("/v1/batches", json={"input_file_id": "x"}, headers=headers), 400, "endpoint")
+    dual_error(client.post("/v1/batches", json={"custom_id": "a", "question": "q"}, headers=headers),
+               415, "application/jsonl")
     dual_error(client.post("/v1/batches", json=body), 401, "missing API key")
     dual_error(client.get("/v1/batches/batch_nope", headers=headers), 404, "no batch")
     mine = create_batch(client, api_key, jsonl(batch_line("q"))).get_json()

@@ -380,7 +380,9 @@ DOCS_PAGE = """<!doctype html>
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
 <link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png" sizes="32x32">
 <style>body{margin:0} .topbar{display:none}</style></head>
-<body><div id="swagger-ui"></div>
+<body><noscript>This page needs JavaScript. The document itself:
+<a href="/openapi.json">/openapi.json</a>.</noscript>
+<div id="swagger-ui"></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
 <script src="/docs/assets/swagger-ui-standalone-preset.js"></script>
 <script src="/docs/init.js"></script>

@@ -69,6 +69,7 @@ from services.storage.models import Batch, utcnow
 from services.storage.statuses import ACTIVE_BATCH_STATUSES, BatchStatus
 
 ENDPOINTS = ("/v1/chat/completions",)
+OPENAI_FIELDS = {"input_file_id", "endpoint", "completion_window"}
 COMPLETION_WINDOWS = {"24h": timedelta(hours=24)}
 ERRORS_SHOWN = 100
 METADATA_KEYS, METADATA_KEY_CHARS, METADATA_VALUE_CHARS = 16, 64, 512
@@ -180,14 +181,19 @@ def create() -> Response:
 
 
 def _create_request() -> BatchCreateRequest:
+    raw = request.get_data(cache=False)
     try:
-        body = json.loads(request.get_data(cache=False) or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise OpenAIError(400, f"We could not parse the JSON body of your request: {error}") from None
-    except RecursionError:
-        raise OpenAIError(400, "We could not parse the JSON body: nested too deeply") from None
-    if not isinstance(body, dict):
-        raise OpenAIError(400, "the request body must be a JSON object")
+        body = json.loads(raw or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        body = None
+    if not isinstance(body, dict) or not OPENAI_FIELDS & body.keys():
+        # Not an OpenAI batch request: most likely a native JSONL upload sent as JSON.
+        raise OpenAIError(
+            415,
+            "send a native batch as the JSONL body with 'Content-Type: application/jsonl', or "
+            "an OpenAI batch as a JSON object {input_file_id, endpoint, completion_window} "
+            "with 'Content-Type: application/json'",
+        )
     try:
         spec = BatchCreateRequest.model_validate(body)
     except ValidationError as error:
