@@ -134,15 +134,16 @@ def test_a_streaming_client_that_disconnects_cancels_its_job(stack: Stack) -> No
         "max_tokens": 2000,
         "stream": True,
     }
-    with httpx.Client(base_url=stack.base_url, timeout=60) as client:
-        with client.stream(
-            "POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {stack.key}"}
-        ) as response:
-            job_id = response.headers["X-Tandem-Job-Id"]
-            first = next(response.iter_lines())
-            assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
-            stack.until(lambda: stack.job(job_id)["status"], lambda s: s == "running", 120, "the job to run")
-        # leaving the block closes the connection mid-stream
+    headers = {"Authorization": f"Bearer {stack.key}"}
+    with (
+        httpx.Client(base_url=stack.base_url, timeout=60) as client,
+        client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
+    ):
+        job_id = response.headers["X-Tandem-Job-Id"]
+        first = next(response.iter_lines())
+        assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+        stack.until(lambda: stack.job(job_id)["status"], lambda s: s == "running", 120, "the job to run")
+    # leaving the block closed the connection mid-stream
     done = stack.until(lambda: stack.job(job_id), lambda j: j["status"] in ("succeeded", "failed", "cancelled"),
                        120, "the job to end")
     assert done["status"] == "cancelled" and done["cancel_requested"]

@@ -323,6 +323,24 @@ PROBLEM_SCHEMA = {
 }
 
 
+# Operations are grouped on the page by these tags (by path), unless they name their own.
+TAGS = (
+    ("/v1/jobs", "Jobs"),
+    ("/v1/batches", "Batches (native and OpenAI)"),
+    ("/v1/dashboard", "Dashboard"),
+    ("/", "Health"),
+)
+
+
+def _tagged(paths: dict[str, Any]) -> dict[str, Any]:
+    tagged = copy.deepcopy(paths)
+    for path, item in tagged.items():
+        tag = next(name for prefix, name in TAGS if path.startswith(prefix))
+        for operation in item.values():
+            operation.setdefault("tags", [tag])
+    return tagged
+
+
 def document() -> dict[str, Any]:
     return _openapi_31(
         {
@@ -337,7 +355,7 @@ def document() -> dict[str, Any]:
             },
             "servers": [{"url": "/"}],
             "security": [{"bearer": []}],
-            "paths": dict(_paths),
+            "paths": _tagged(_paths),
             "components": {
                 "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
                 "schemas": dict(_schemas),
@@ -367,24 +385,17 @@ def openapi() -> Response:
 
 # The page is Swagger UI, served from the files of the `flask-swagger-ui` package (no CDN:
 # the page works offline). Only these files are served.
-SWAGGER_FILES = (
-    "swagger-ui.css",
-    "swagger-ui-bundle.js",
-    "swagger-ui-standalone-preset.js",
-    "favicon-32x32.png",
-    "favicon-16x16.png",
-)
+SWAGGER_FILES = ("swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png")
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tandem API reference</title>
 <link rel="stylesheet" href="/docs/assets/swagger-ui.css">
 <link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png" sizes="32x32">
-<style>body{margin:0} .topbar{display:none}</style></head>
+<style>body{margin:0}</style></head>
 <body><noscript>This page needs JavaScript. The document itself:
 <a href="/openapi.json">/openapi.json</a>.</noscript>
 <div id="swagger-ui"></div>
 <script src="/docs/assets/swagger-ui-bundle.js"></script>
-<script src="/docs/assets/swagger-ui-standalone-preset.js"></script>
 <script src="/docs/init.js"></script>
 </body></html>"""
 
@@ -396,8 +407,8 @@ INIT_JS = """window.ui = SwaggerUIBundle({
   persistAuthorization: true,
   displayRequestDuration: true,
   validatorUrl: null,
-  presets: [SwaggerUIBundle.presets.apis, SwaggerUIStandalonePreset],
-  layout: "StandaloneLayout"
+  presets: [SwaggerUIBundle.presets.apis],
+  layout: "BaseLayout"
 });"""
 
 

@@ -172,34 +172,40 @@ class Wait:
             )
 
     def states(self) -> Iterator[JobState | None]:
-        """The job each time it changes (at least every few seconds) until it is final;
-        None when there is time left to wait but nothing new yet. Ends at the deadline."""
+        """The job when it may have changed (a wake-up, or the poll of `JobEvents.pause`)
+        until it is final; None every `HEARTBEAT_S` in between, for the caller to check on
+        its client. Ends at the deadline."""
         attempt = 0
         with self.events.watch(self.job_id) as wake:
-            while True:
-                state = self.read()
-                yield state
-                if state.final:
+            state = self.read()
+            next_read = time.monotonic() + self.events.pause(attempt)
+            yield state
+            while not state.final:
+                now = time.monotonic()
+                if now >= self.deadline:
                     return
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                wake.wait(min(remaining, self.events.pause(attempt), HEARTBEAT_S))
+                woke = wake.wait(max(0.0, min(self.deadline, next_read, now + HEARTBEAT_S) - now))
                 wake.clear()
-                attempt += 1
+                if woke or time.monotonic() >= next_read:
+                    attempt += 1
+                    state = self.read()
+                    next_read = time.monotonic() + self.events.pause(attempt)
+                    yield state
+                else:
+                    yield None
 
     def until_final(self) -> JobState | None:
         """The final job, or None once the client has gone (the job is then cancelled);
         raises the 504 past the deadline."""
-        state = None
+        last: JobState | None = None
         for state in self.states():
-            if state is not None and not state.final and self.client_gone():
+            last = state or last
+            if (state is None or not state.final) and self.client_gone():
                 self.cancel("the client closed the connection")
                 return None
-        assert state is not None
-        if not state.final:
+        if last is None or not last.final:
             raise self.timeout()
-        return state
+        return last
 
     def cancel(self, why: str) -> None:
         log.info("cancelling job %s: %s", self.job_id, why)
@@ -294,20 +300,22 @@ class Stream:
         try:
             yield self._chunk(Delta(role="assistant", content=""), tandem=ChunkTandem(job_id=self.wait.job_id))
             sent, beat = 0, time.monotonic()
-            state = None
-            for state in self.wait.states():
-                for record in state.records[sent:]:
-                    yield self._stage(record)
-                sent = len(state.records)
-                if state.final:
-                    break
+            state: JobState | None = None
+            for found in self.wait.states():
+                if found is not None:
+                    state = found
+                    for record in state.records[sent:]:
+                        yield self._stage(record)
+                        beat = time.monotonic()
+                    sent = len(state.records)
+                    if state.final:
+                        break
                 if self.wait.client_gone():
                     return  # `finally` cancels the job
                 if time.monotonic() - beat >= HEARTBEAT_S:
                     yield b": waiting for the job\n\n"  # a failed write here ends the stream
                     beat = time.monotonic()
-            assert state is not None
-            if not state.final:
+            if state is None or not state.final:
                 yield self._error(self.wait.timeout())
             else:
                 try:

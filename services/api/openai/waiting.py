@@ -5,9 +5,10 @@ Migration 0006 adds a trigger that NOTIFYs channel `tandem_jobs` with a single j
 whenever its row changes (a stage starts or is recorded, the job ends). Each API process
 holds one listening connection (a daemon thread, started at the first wait) and wakes the
 requests waiting on that job; a waiting request then reads the job again. Notifications
-can be lost (the listener reconnecting) or impossible (SQLite, or PgBouncer in transaction
-pooling mode, where LISTEN does not survive a transaction), so every wait is also bounded:
-1 s while the listener is up, and a backoff from 50 ms to 1 s without it.
+can be lost (the listener reconnecting: every waiter is woken when it is back) or
+impossible (SQLite, or PgBouncer in transaction pooling mode, where LISTEN does not survive
+a transaction), so a waiter also reads its job every 5 s while the listener is up, and on a
+backoff from 50 ms to 1 s without it.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from sqlalchemy.engine import make_url
 log = logging.getLogger("tandem.api.openai")
 
 CHANNEL = "tandem_jobs"
-LISTENING_POLL_S = 1.0  # the longest a wait sleeps while notifications arrive
+LISTENING_POLL_S = 5.0  # how often a waiter reads its job anyway while notifications arrive
 POLL_FIRST_S, POLL_MAX_S = 0.05, 1.0  # the backoff without them
 
 
