@@ -140,13 +140,33 @@ def test_a_streaming_client_that_disconnects_cancels_its_job(stack: Stack) -> No
         client.stream("POST", "/v1/chat/completions", json=body, headers=headers) as response,
     ):
         job_id = response.headers["X-Tandem-Job-Id"]
-        first = next(response.iter_lines())
+        lines = response.iter_lines()  # kept: dropping the iterator closes the connection
+        first = next(lines)
         assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
         stack.until(lambda: stack.job(job_id)["status"], lambda s: s == "running", 120, "the job to run")
+        assert next(lines) is not None  # still streaming: a stage chunk or a heartbeat
     # leaving the block closed the connection mid-stream
     done = stack.until(lambda: stack.job(job_id), lambda j: j["status"] in ("succeeded", "failed", "cancelled"),
                        120, "the job to end")
     assert done["status"] == "cancelled" and done["cancel_requested"]
+
+
+def test_a_waiting_client_that_gives_up_cancels_its_job(stack: Stack) -> None:
+    """Not streamed: the API sees the closed socket under the waiting request (gunicorn)."""
+    body = {
+        "model": "slm_only",
+        "messages": [{"role": "user", "content": "Write a long story about a mountain, in many chapters."}],
+        "max_tokens": 2000,
+    }
+    before = {j["id"] for j in stack.http.get("/v1/jobs?strategy=slm_only&limit=200").json()["data"]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{stack.base_url}/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=4),
+                   headers={"Authorization": f"Bearer {stack.key}"})
+    jobs = stack.http.get("/v1/jobs?strategy=slm_only&limit=200").json()["data"]
+    [job_id] = [j["id"] for j in jobs if j["id"] not in before]
+    done = stack.until(lambda: stack.job(job_id), lambda j: j["status"] in ("succeeded", "failed", "cancelled"),
+                       120, "the job to end")
+    assert done["status"] == "cancelled"
 
 
 def test_unknown_model_and_other_keys_things_are_not_found(stack: Stack) -> None:
