@@ -104,7 +104,9 @@ class JobEvents:
                         for notify in connection.notifies(timeout=5.0):
                             self._wake(notify.payload)
             except Exception as error:
-                log.warning("job wake-ups lost (polling meanwhile): %s", str(error)[:200])
+                # Said once per outage, not at every retry.
+                level = logging.WARNING if backoff == 0.5 else logging.DEBUG
+                log.log(level, "job wake-ups lost (polling meanwhile): %s", str(error)[:200])
             finally:
                 self._listening.clear()
                 self._wake(None)
