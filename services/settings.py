@@ -190,6 +190,11 @@ class Settings(BaseSettings):
                     f"TANDEM_WEBHOOK_ALLOWED_CIDRS: {part!r} is not a network (e.g. 10.0.0.0/8)"
                 ) from None
         return value
+    # OpenAI surface (docs/openai.md): how long POST /v1/chat/completions waits for its job
+    # before answering 504 (the job goes on: poll /v1/jobs/{id}); the largest file
+    # POST /v1/files takes (it streams into Postgres, so this may exceed max_body_bytes).
+    openai_wait_s: float = Field(default=300.0, gt=0, le=3600)
+    max_file_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
 
     @model_validator(mode="after")
     def _stage_timeout_below_redelivery(self) -> Settings:

@@ -2,7 +2,8 @@
 
     health      /healthz, /readyz
     jobs        /v1/jobs
-    batches     /v1/batches
+    batches     /v1/batches (OpenAI-format batches too: services/api/openai/batches.py)
+    openai      /v1/models, /v1/chat/completions, /v1/files (services/api/openai)
     dashboard   /dashboard and /v1/dashboard
     metrics     /metrics, and request timing for every route
     docs        /openapi.json and /docs
@@ -22,7 +23,17 @@ def create_app(
     settings: Settings | None = None,
     enqueue: Callable[[Sequence], None] | None = None,
 ) -> Flask:
-    from services.api import batches, dashboard, docs, health, jobs, metrics, problems, webhooks
+    from services.api import (
+        batches,
+        dashboard,
+        docs,
+        health,
+        jobs,
+        metrics,
+        openai,
+        problems,
+        webhooks,
+    )
     from services.api.admission import Admission
     from services.api.auth import KeyCache
     from services.api.limits import RateLimiter
@@ -44,6 +55,16 @@ def create_app(
     problems.install(app)
     metrics.init_app(app)
     batches.init_app(app)
-    for blueprint in (health.bp, jobs.bp, batches.bp, dashboard.page, dashboard.api, docs.bp, webhooks.bp):
+    blueprints = (
+        health.bp,
+        jobs.bp,
+        batches.bp,
+        openai.bp,
+        webhooks.bp,
+        dashboard.page,
+        dashboard.api,
+        docs.bp,
+    )
+    for blueprint in blueprints:
         app.register_blueprint(blueprint)
     return app

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from services import batches
 from services.api import pages
 from services.api.auth import authenticate
-from services.api.docs import ERRORS, IDEMPOTENCY_KEY, add_paths
+from services.api.docs import AUTH, IDEMPOTENCY_KEY, add_paths, errors
 from services.api.formats import iso
 from services.api.jobs import idempotency_key
 from services.api.problems import Problem
@@ -32,6 +32,15 @@ log = logging.getLogger("tandem.api.batches")
 CONTENT_TYPES = ("application/jsonl", "application/x-ndjson", "text/plain")
 ERRORS_SHOWN = 100  # invalid lines listed in a batch's JSON (all of them are in its results)
 RESULTS_FLUSH_BYTES = 64 * 1024
+
+
+@bp.before_request
+def _openai_batches() -> Response | None:
+    """OpenAI-format batches share these routes: a JSON POST, an OpenAI-made batch's GET and
+    cancel, and the list are served by services/api/openai/batches.py (docs/openai.md)."""
+    from services.api.openai.batches import take_over
+
+    return take_over()
 
 
 def init_app(app: Flask) -> None:
@@ -331,18 +340,53 @@ _LINE = {
     },
     "description": "One line of a batch upload (JSONL: one such object per line).",
 }
+_COUNTS = {"type": "object", "additionalProperties": {"type": "integer"}}
 _SCHEMA = {
     "type": "object",
+    "description": "A batch as the native API shows it.",
+    "required": ["id", "object", "status", "lines", "errors", "created_at", "status_url"],
     "properties": {
         "id": {"type": "string"},
         "object": {"type": "string", "enum": ["batch"]},
         "status": {"type": "string", "enum": list(BatchStatus)},
-        "lines": {"type": "object"},
-        "request_counts": {"type": "object", "nullable": True},
-        "counts": {"type": "object", "nullable": True},
-        "cost": {"type": "object", "nullable": True},
+        "strategy": {"type": "string"},
+        "params": {"type": "object"},
+        "lines": {
+            "type": "object",
+            "properties": {n: {"type": "integer"} for n in ("total", "valid", "invalid")},
+        },
+        "request_counts": {**_COUNTS, "nullable": True},
+        "counts": {
+            **_COUNTS,
+            "nullable": True,
+            "description": "Jobs by status, plus the invalid lines.",
+        },
+        "cost": {
+            "oneOf": [{"$ref": "#/components/schemas/Cost"}, {"type": "null"}],
+            "description": "Sums over every stage recorded so far.",
+        },
         "eta_s": {"type": "number", "nullable": True},
-        "errors": {"type": "array", "items": {"type": "object"}},
+        "fed_through_line": {"type": "integer"},
+        "input_bytes": {"type": "integer"},
+        "failure": {"type": "string", "nullable": True},
+        "errors": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["line", "error"],
+                "properties": {
+                    "line": {"type": "integer"},
+                    "custom_id": {"type": "string", "nullable": True},
+                    "error": {"type": "string"},
+                },
+            },
+        },
+        "errors_truncated": {"type": "boolean"},
+        "created_at": {"type": "string", "format": "date-time"},
+        "started_at": {"type": "string", "format": "date-time", "nullable": True},
+        "finished_at": {"type": "string", "format": "date-time", "nullable": True},
+        "cancelled_at": {"type": "string", "format": "date-time", "nullable": True},
+        "status_url": {"type": "string"},
         "results_url": {"type": "string"},
     },
 }
@@ -377,8 +421,8 @@ add_paths(
                         "(the repeated body is not parsed)",
                         **_BATCH,
                     },
-                    "409": ERRORS["400"],  # an upload with this key is still being read
-                    **ERRORS,
+                    # 409: an upload with this key is still being read
+                    **errors(400, 409, 413, 415, 422, *AUTH),
                 },
             },
             "get": {
@@ -392,14 +436,24 @@ add_paths(
                     },
                     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                 ],
-                "responses": {"200": {"description": "a page of batches"}, **ERRORS},
+                "responses": {
+                    "200": {
+                        "description": "a page of batches",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/BatchList"}
+                            }
+                        },
+                    },
+                    **errors(400, *AUTH),
+                },
             },
         },
         "/v1/batches/{batch_id}": {
             "get": {
                 "summary": "A batch: status, counts, cost so far, ETA, invalid lines",
                 "parameters": [_ID],
-                "responses": {"200": {"description": "the batch", **_BATCH}, **ERRORS},
+                "responses": {"200": {"description": "the batch", **_BATCH}, **errors(404, *AUTH)},
             },
             "delete": {
                 "summary": "Delete a finished batch with its jobs (202: the rest is deleted "
@@ -408,8 +462,7 @@ add_paths(
                 "responses": {
                     "200": {"description": "deleted"},
                     "202": {"description": "gone from the API; rows still being deleted"},
-                    "409": ERRORS["400"],
-                    **ERRORS,
+                    **errors(404, 409, *AUTH),
                 },
             },
         },
@@ -422,7 +475,7 @@ add_paths(
                         "description": "streamed JSONL",
                         "content": {"application/jsonl": {"schema": {"type": "string"}}},
                     },
-                    **ERRORS,
+                    **errors(404, *AUTH),
                 },
             }
         },
@@ -432,8 +485,7 @@ add_paths(
                 "parameters": [_ID],
                 "responses": {
                     "200": {"description": "the batch", **_BATCH},
-                    "409": ERRORS["400"],
-                    **ERRORS,
+                    **errors(404, 409, *AUTH),  # 409: still uploading
                 },
             }
         },

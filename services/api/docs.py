@@ -1,13 +1,16 @@
-"""The OpenAPI 3 document (/openapi.json) and a self-contained docs page (/docs).
+"""The OpenAPI 3 document (/openapi.json) and the interactive reference (/docs: Swagger UI,
+its files served from the flask-swagger-ui package, so the page needs no network).
 
 Modules that add endpoints add their paths with `add_paths`, beside the code they describe.
 """
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, abort, jsonify, send_from_directory
 
 from services.core.params import MAX_STAGES
 from services.core.requests import JobRequest
@@ -29,11 +32,60 @@ _schemas: dict[str, Any] = {}
 
 
 def add_paths(paths: dict[str, Any], schemas: dict[str, Any] | None = None) -> None:
-    """Add operations; a path some module described already gets the new methods beside its
-    own (a DELETE added next to a GET)."""
-    for path, operations in paths.items():
-        _paths.setdefault(path, {}).update(operations)
+    """Publish operations (and their schemas). An operation two modules describe (the
+    native and the OpenAI batch API share /v1/batches) is merged: both request bodies,
+    every response code, and a response both describe differently as a oneOf."""
+    for path, item in paths.items():
+        operations = _paths.setdefault(path, {})
+        for method, operation in item.items():
+            if method in operations:
+                operations[method] = _merge_operation(operations[method], operation)
+            else:
+                operations[method] = copy.deepcopy(operation)
     _schemas.update(schemas or {})
+
+
+def _merge_operation(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(old)
+    if new.get("summary") and new["summary"] != old.get("summary"):
+        merged["summary"] = f"{old.get('summary', '')}; {new['summary']}".strip("; ")
+    if new.get("description"):
+        merged["description"] = "\n\n".join(
+            part for part in (old.get("description"), new["description"]) if part
+        )
+    names = {(p.get("name"), p.get("in")) for p in merged.get("parameters", [])}
+    for parameter in new.get("parameters", []):
+        if (parameter.get("name"), parameter.get("in")) not in names:
+            merged.setdefault("parameters", []).append(copy.deepcopy(parameter))
+    if "requestBody" in new:
+        body = merged.setdefault("requestBody", {"content": {}})
+        body["content"].update(copy.deepcopy(new["requestBody"]["content"]))
+        body["required"] = body.get("required", False) or new["requestBody"].get("required", False)
+    responses = merged.setdefault("responses", {})
+    for code, response in new.get("responses", {}).items():
+        if code not in responses:
+            responses[code] = copy.deepcopy(response)
+        elif response != responses[code]:
+            responses[code] = _either(responses[code], response)
+    return merged
+
+
+def _either(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One response that is either `old` or `new` (a oneOf per media type)."""
+    if "$ref" in old or "$ref" in new:
+        return old  # a shared error response: the same for both
+    merged = {"description": f"{old.get('description', '')}; or {new.get('description', '')}"}
+    content: dict[str, Any] = copy.deepcopy(old.get("content", {}))
+    for media, spec in new.get("content", {}).items():
+        if media in content and content[media].get("schema") != spec.get("schema"):
+            first = content[media]["schema"]
+            choices = first.get("oneOf", [first])
+            content[media] = {"schema": {"oneOf": [*choices, spec["schema"]]}}
+        else:
+            content[media] = copy.deepcopy(spec)
+    if content:
+        merged["content"] = content
+    return merged
 
 
 def _request_schemas() -> dict[str, Any]:
@@ -51,21 +103,104 @@ def _request_schemas() -> dict[str, Any]:
     return {"JobRequest": schema, **definitions}
 
 
+NUMBER = {"type": "number"}
+INTEGER = {"type": "integer"}
+TIMESTAMP = {"type": ["string", "null"], "format": "date-time"}
+COST = {
+    "type": "object",
+    "description": "Sums over stage records: the paper's TFLOPs (generated tokens), prefill "
+    "TFLOPs (uncached prompt tokens and the classifier's scoring pass), tokens.",
+    "required": ["tflops", "prefill_tflops", "prompt_tokens", "cached_prompt_tokens", "generated_tokens"],
+    "properties": {
+        "tflops": NUMBER,
+        "prefill_tflops": NUMBER,
+        "prompt_tokens": INTEGER,
+        "cached_prompt_tokens": INTEGER,
+        "generated_tokens": INTEGER,
+    },
+}
+STAGE = {
+    "type": "object",
+    "description": "One executed stage of a job.",
+    "required": ["seq", "kind", "role", "model", "prompt_tokens", "generated_tokens", "tflops"],
+    "properties": {
+        "seq": INTEGER,
+        "kind": {"type": "string", "description": "coordinator, classifier, executor, draft, ..."},
+        "role": {"type": "string", "enum": ["coordinator", "classifier", "executor"]},
+        "model": {"type": "string"},
+        "prompt_tokens": INTEGER,
+        "cached_prompt_tokens": INTEGER,
+        "generated_tokens": INTEGER,
+        "tflops": NUMBER,
+        "prefill_tflops": NUMBER,
+        "latency_s": NUMBER,
+        "note": {"type": "string"},
+        "output": {
+            "type": "object",
+            "description": "A generation: text, finish_reason; the classifier: probability, "
+            "threshold, sufficient, policy, features.",
+        },
+        "attempt": INTEGER,
+        "created_at": TIMESTAMP,
+    },
+}
+JOB_STATUSES = ["queued", "running", "succeeded", "failed", "cancelled"]
 JOB = {
     "type": "object",
+    "required": ["id", "object", "status", "strategy", "question", "params", "created_at"],
     "properties": {
         "id": {"type": "string"},
         "object": {"type": "string", "enum": ["job"]},
-        "status": {
-            "type": "string",
-            "enum": ["queued", "running", "succeeded", "failed", "cancelled"],
-        },
+        "status": {"type": "string", "enum": JOB_STATUSES},
         "strategy": {"type": "string"},
+        "question": {"type": "string"},
+        "params": {"type": "object", "description": "The params that differ from the defaults."},
         "answer": {"type": ["string", "null"]},
-        "stages": {"type": "array", "items": {"type": "object"}},
-        "cost": {"type": "object"},
+        "final_text": {"type": ["string", "null"]},
+        "summary": {"type": "object"},
+        "error": {"type": ["string", "null"]},
+        "batch_id": {"type": ["string", "null"]},
+        "custom_id": {"type": ["string", "null"]},
+        "cancel_requested": {"type": "boolean"},
+        "created_at": TIMESTAMP,
+        "started_at": TIMESTAMP,
+        "finished_at": TIMESTAMP,
+        "status_url": {"type": "string"},
+        "stages": {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/Stage"},
+            "description": "Only on GET /v1/jobs/{job_id}.",
+        },
+        "cost": {"$ref": "#/components/schemas/Cost"},
+        "timings": {
+            "type": "object",
+            "properties": {
+                "queued_s": {"type": ["number", "null"]},
+                "running_s": {"type": ["number", "null"]},
+                "total_s": {"type": ["number", "null"]},
+            },
+        },
     },
 }
+JOB_PAGE = {
+    "type": "object",
+    "required": ["object", "data", "has_more", "next_cursor"],
+    "properties": {
+        "object": {"type": "string", "enum": ["list"]},
+        "data": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+        "has_more": {"type": "boolean"},
+        "next_cursor": {"type": ["string", "null"]},
+    },
+}
+
+
+def errors(*codes: int) -> dict[str, Any]:
+    """The error responses a route really gives (each an application/problem+json)."""
+    return {str(code): PROBLEM for code in sorted(codes)}
+
+
+# Every authenticated route: a bad key (401), the key's rate (429), the database (503).
+AUTH = (401, 429, 503)
 
 ID_PARAM = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
 JSON_JOB = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}}
@@ -102,7 +237,7 @@ add_paths(
                         "description": "the job this Idempotency-Key already created",
                         **JSON_JOB,
                     },
-                    **ERRORS,
+                    **errors(400, 413, 415, 422, *AUTH),
                 },
             },
             "get": {
@@ -118,25 +253,42 @@ add_paths(
                     },
                     {"name": "cursor", "in": "query", "schema": {"type": "string"}},
                 ],
-                "responses": {"200": {"description": "a page of jobs"}, **ERRORS},
+                "responses": {
+                    "200": {
+                        "description": "a page of jobs (without their stages)",
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/JobPage"}}
+                        },
+                    },
+                    **errors(400, *AUTH),
+                },
             },
         },
         "/v1/jobs/{job_id}": {
             "get": {
                 "summary": "A job with its stages and cost",
                 "parameters": [ID_PARAM],
-                "responses": {"200": {"description": "the job", **JSON_JOB}, **ERRORS},
+                "responses": {"200": {"description": "the job", **JSON_JOB}, **errors(404, *AUTH)},
             }
         },
         "/v1/jobs/{job_id}/cancel": {
             "post": {
                 "summary": "Cancel a job (takes effect at the next stage boundary)",
                 "parameters": [ID_PARAM],
-                "responses": {"200": {"description": "the job", **JSON_JOB}, **ERRORS},
+                "responses": {
+                    "200": {"description": "the job (without its stages)", **JSON_JOB},
+                    **errors(404, *AUTH),
+                },
             }
         },
     },
-    {**_request_schemas(), "Job": JOB},
+    {
+        **_request_schemas(),
+        "Job": JOB,
+        "JobPage": JOB_PAGE,
+        "Stage": STAGE,
+        "Cost": COST,
+    },
 )
 
 
@@ -152,6 +304,43 @@ def _openapi_31(node: Any) -> Any:
     return node
 
 
+PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "batch_id": {"type": "string", "description": "a rejected upload's failed batch"},
+        "errors": {"type": "array", "items": {"type": "object"}},
+        "error": {
+            "$ref": "#/components/schemas/ErrorObject",
+            "description": "On /v1/batches, shared with the OpenAI API: the same error in "
+            "OpenAI's shape, so an OpenAI SDK reads its message.",
+        },
+    },
+}
+
+
+# Operations are grouped on the page by these tags (by path), unless they name their own.
+TAGS = (
+    ("/v1/jobs", "Jobs"),
+    ("/v1/batches", "Batches (native and OpenAI)"),
+    ("/v1/dashboard", "Dashboard"),
+    ("/", "Health"),
+)
+
+
+def _tagged(paths: dict[str, Any]) -> dict[str, Any]:
+    tagged = copy.deepcopy(paths)
+    for path, item in tagged.items():
+        tag = next(name for prefix, name in TAGS if path.startswith(prefix))
+        for operation in item.values():
+            operation.setdefault("tags", [tag])
+    return tagged
+
+
 def document() -> dict[str, Any]:
     return _openapi_31(
         {
@@ -160,31 +349,29 @@ def document() -> dict[str, Any]:
                 "title": "tandem",
                 "version": "1",
                 "description": "Reasoning jobs where a large model writes the first insights and a "
-                "small model finishes. Errors are application/problem+json.",
+                "small model finishes. Authorize with an API key (Bearer). Errors are "
+                "application/problem+json; on the OpenAI-compatible routes (tag OpenAI) they "
+                "are OpenAI's `{\"error\": {...}}` (docs/openai.md).",
             },
             "servers": [{"url": "/"}],
             "security": [{"bearer": []}],
-            "paths": dict(_paths),
+            "paths": _tagged(_paths),
             "components": {
                 "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
                 "schemas": dict(_schemas),
                 "responses": {
                     "Problem": {
                         "description": "a problem (RFC 9457)",
+                        "content": {"application/problem+json": {"schema": PROBLEM_SCHEMA}},
+                    },
+                    "OpenAIError": {
+                        "description": "an error in OpenAI's shape (the OpenAI routes)",
                         "content": {
-                            "application/problem+json": {
-                                "schema": {
-                                    "type": "object",
-                                    "properties": {
-                                        "type": {"type": "string"},
-                                        "title": {"type": "string"},
-                                        "status": {"type": "integer"},
-                                        "detail": {"type": "string"},
-                                    },
-                                }
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
                             }
                         },
-                    }
+                    },
                 },
             },
         }
@@ -196,36 +383,54 @@ def openapi() -> Response:
     return jsonify(document())
 
 
+# The page is Swagger UI, served from the files of the `flask-swagger-ui` package (no CDN:
+# the page works offline). Only these files are served.
+SWAGGER_FILES = ("swagger-ui.css", "swagger-ui-bundle.js", "favicon-32x32.png", "favicon-16x16.png")
+
 DOCS_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>tandem API</title>
-<style>body{font:15px system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}
-code,pre{background:#f4f4f4;padding:.1rem .3rem;border-radius:3px}
-.op{border-left:4px solid #36c;padding:.2rem .8rem;margin:.8rem 0}
-.m{font-weight:bold;text-transform:uppercase;margin-right:.5rem}</style></head>
-<body><h1>tandem API</h1>
-<p>Send <code>Authorization: Bearer &lt;key&gt;</code>. Errors are
-<code>application/problem+json</code>. Machine-readable: <a href="/openapi.json">/openapi.json</a>.</p>
-<div id="ops">loading...</div>
-<script>
-fetch('/openapi.json').then(r => r.json()).then(doc => {
-  const ops = document.getElementById('ops'); ops.textContent = '';
-  for (const [path, item] of Object.entries(doc.paths)) {
-    for (const [method, op] of Object.entries(item)) {
-      const div = document.createElement('div'); div.className = 'op';
-      const head = document.createElement('div');
-      const m = document.createElement('span'); m.className = 'm'; m.textContent = method;
-      const p = document.createElement('code'); p.textContent = path;
-      head.append(m, p); div.append(head);
-      const s = document.createElement('div'); s.textContent = op.summary || ''; div.append(s);
-      const codes = document.createElement('small');
-      codes.textContent = 'responses: ' + Object.keys(op.responses || {}).join(', ');
-      div.append(codes); ops.append(div);
-    }
-  }
-});
-</script></body></html>"""
+<html lang="en"><head><meta charset="utf-8"><title>tandem API reference</title>
+<link rel="stylesheet" href="/docs/assets/swagger-ui.css">
+<link rel="icon" type="image/png" href="/docs/assets/favicon-32x32.png" sizes="32x32">
+<style>body{margin:0}</style></head>
+<body><noscript>This page needs JavaScript. The document itself:
+<a href="/openapi.json">/openapi.json</a>.</noscript>
+<div id="swagger-ui"></div>
+<script src="/docs/assets/swagger-ui-bundle.js"></script>
+<script src="/docs/init.js"></script>
+</body></html>"""
+
+# validatorUrl null: no request to the public validator (offline, and nothing leaks).
+INIT_JS = """window.ui = SwaggerUIBundle({
+  url: "/openapi.json",
+  dom_id: "#swagger-ui",
+  deepLinking: true,
+  persistAuthorization: true,
+  displayRequestDuration: true,
+  validatorUrl: null,
+  presets: [SwaggerUIBundle.presets.apis],
+  layout: "BaseLayout"
+});"""
+
+
+def _swagger_dir() -> Path:
+    import flask_swagger_ui
+
+    return Path(flask_swagger_ui.__file__).parent / "dist"
 
 
 @bp.get("/docs")
 def docs_page() -> Response:
     return Response(DOCS_PAGE, mimetype="text/html")
+
+
+@bp.get("/docs/init.js")
+def docs_init() -> Response:
+    return Response(INIT_JS, mimetype="text/javascript")
+
+
+@bp.get("/docs/assets/<name>")
+def docs_asset(name: str) -> Response:
+    if name not in SWAGGER_FILES:
+        abort(404)
+    response = send_from_directory(_swagger_dir(), name, max_age=86400)
+    return response

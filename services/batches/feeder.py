@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import bindparam, func, update
 from sqlalchemy.orm import Session
 
-from services.batches.lifecycle import fail_stale_uploads, finalize_finished
+from services.batches.lifecycle import expire_overdue, fail_stale_uploads, finalize_finished
 from services.jobs.dispatch import grant_next
 from services.jobs.leases import leases_to_json
 from services.jobs.messages import StageTask
@@ -102,10 +102,13 @@ def feed(
     budget_s: float = 5.0,
 ) -> int:
     """One feeder pass (the reconciler's loop, the API after an upload, `tandem batch
-    feed`): fail uploads that died while validating, finalize batches whose jobs are all
-    final, then `fill`. Returns how many jobs were fed."""
-    fail_stale_uploads(settings.database_url)
-    finalize_finished(settings.database_url)
+    feed`): fail uploads that died while validating, expire batches past their completion
+    window, finalize batches whose jobs are all final, then `fill`. Returns how many jobs
+    were fed."""
+    url = settings.database_url
+    fail_stale_uploads(url)
+    expire_overdue(url)
+    finalize_finished(url)
     return fill(settings, enqueue, queue_depth, capacity, budget_s)
 
 

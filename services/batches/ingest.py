@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
@@ -18,6 +18,7 @@ from services.batches.parsing import (
     Defaults,
     Limits,
     LineError,
+    LineParser,
     LineReader,
     clip,
     parse_lines,
@@ -69,13 +70,17 @@ def ingest(
     max_chars: int,
     limits: Limits = Limits(),
     idempotency_key: str | None = None,
+    parse: LineParser | None = None,
+    columns: dict[str, Any] | None = None,
 ) -> tuple[Batch, bool]:
     """Store a batch and one queued job per valid line of `stream`. Returns the batch
     (in_progress) and True. Raises BatchRejected when the upload is unusable; the batch is
     then stored as failed with its reason and errors. Jobs are not enqueued here: see
     `feed`. An `idempotency_key` this owner used before returns that upload's batch and
-    False, without reading `stream` (see `_open`)."""
-    batch_id, created = _open(url, owner, defaults, idempotency_key)
+    False, without reading `stream` (see `_open`). `parse` reads each line (default: the
+    native format); `columns` are more values of the new batch row (the OpenAI batch API
+    passes its own of both)."""
+    batch_id, created = _open(url, owner, defaults, idempotency_key, columns or {})
     if not created:
         with transaction(url) as session:
             return session.get_one(Batch, batch_id), False
@@ -84,7 +89,7 @@ def ingest(
     try:
         with transaction(url) as session:
             batch = session.get_one(Batch, batch_id)
-            rows = _rows(batch, reader, defaults, max_chars, limits, tally)
+            rows = _rows(batch, reader, defaults, max_chars, limits, tally, parse)
             inserted = batch_rows.write_jobs(session, rows)
             duplicates = _remove_duplicates(session, batch_id, limits, len(tally.errors))
             tally.errors += duplicates
@@ -104,7 +109,11 @@ def ingest(
 
 
 def _open(
-    url: str, owner: str, defaults: Defaults, idempotency_key: str | None
+    url: str,
+    owner: str,
+    defaults: Defaults,
+    idempotency_key: str | None,
+    columns: dict[str, Any],
 ) -> tuple[str, bool]:
     """The new batch's id and True; or, for a key this owner used before, that batch's id
     and False. A key whose upload broke off (its batch failed before it was read to the
@@ -122,6 +131,7 @@ def _open(
             strategy=defaults.strategy,
             params=defaults.params,
             idempotency_key=idempotency_key,
+            **columns,
         )
         earlier = add_unless_taken(
             session, batch, lambda: batch_rows.by_idempotency_key(session, owner, idempotency_key or "")
@@ -136,11 +146,12 @@ def _rows(
     max_chars: int,
     limits: Limits,
     tally: _Tally,
+    parse: LineParser | None,
 ) -> Iterator[tuple]:
     """Job rows for COPY, in `batch_rows.JOB_COLUMNS` order; invalid lines go to `tally.errors`."""
     now = utcnow()
     owner, batch_id = batch.owner, batch.id
-    for parsed in parse_lines(reader, defaults, max_chars, limits):
+    for parsed in parse_lines(reader, defaults, max_chars, limits, parse):
         tally.lines += 1
         if isinstance(parsed, LineError):
             tally.errors.append(parsed)

@@ -4,6 +4,12 @@ uploads that died half-way.
     validating -> in_progress -> finalizing -> completed
     validating -> failed                      (no valid line, too many lines / invalid lines)
     in_progress -> cancelling -> cancelled    (running jobs stop at their next stage boundary)
+    in_progress -> finalizing -> expired      (past an OpenAI batch's completion window:
+                                               unfinished jobs are cancelled, what finished
+                                               is kept)
+
+A batch created through the OpenAI API gets its output and error files (OpenAI's batch
+output format, services/files/batch_output.py) in the transaction that ends it.
 
 Each final status writes the batch's webhook event in the transaction that sets it
 (`emit_batch`: nothing when no endpoint of the owner subscribes).
@@ -51,12 +57,26 @@ def finalize_if_done(url: str, batch_id: str) -> bool:
             return False
         done = progress(session, batch)
         batch.metadata_ = {**(batch.metadata_ or {}), "final": done.to_dict()}
-        cancelled = batch.status == BatchStatus.CANCELLING
-        batch.status = BatchStatus.CANCELLED if cancelled else BatchStatus.COMPLETED
+        if batch.expired_at is not None:
+            batch.status = BatchStatus.EXPIRED
+        elif batch.status == BatchStatus.CANCELLING:
+            batch.status = BatchStatus.CANCELLED
+        else:
+            batch.status = BatchStatus.COMPLETED
         batch.finished_at = utcnow()
-        event = EventType.BATCH_CANCELLED if cancelled else EventType.BATCH_COMPLETED
-        emit_batch(session, batch, event)
+        if batch.api == "openai":
+            from services.files.batch_output import write_batch_files
+
+            write_batch_files(session, batch)
+        emit_batch(session, batch, _EVENTS[BatchStatus(batch.status)])
         return True
+
+
+_EVENTS = {
+    BatchStatus.COMPLETED: EventType.BATCH_COMPLETED,
+    BatchStatus.CANCELLED: EventType.BATCH_CANCELLED,
+    BatchStatus.EXPIRED: EventType.BATCH_EXPIRED,
+}
 
 
 def finalize_finished(url: str) -> None:
@@ -65,6 +85,20 @@ def finalize_finished(url: str) -> None:
         active = batch_rows.ids_in(session, ACTIVE_BATCH_STATUSES)
     for batch_id in active:
         finalize_if_done(url, batch_id)
+
+
+def expire_overdue(url: str) -> int:
+    """Batches in progress past their completion window expire: queued jobs are cancelled,
+    running ones stop at their next stage boundary, finished ones are kept. The batch is
+    `finalizing` until no job runs, then `expired` (see `finalize_if_done`). Returns how
+    many began expiring."""
+    with transaction(url) as session:
+        overdue = batch_rows.overdue(session)
+        for batch in overdue:
+            batch_rows.cancel_jobs(session, batch.id)
+            batch.status = BatchStatus.FINALIZING
+            batch.expired_at = utcnow()
+        return len(overdue)
 
 
 def fail_stale_uploads(url: str, older_than_s: float = STALE_UPLOAD_S) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -66,9 +66,24 @@ class LineError:
     line: int
     custom_id: str | None
     error: str
+    # OpenAI batch lines: the request field at fault and an error code (docs/openai.md).
+    param: str | None = None
+    code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"line": self.line, "custom_id": self.custom_id, "error": self.error}
+        found = {"line": self.line, "custom_id": self.custom_id, "error": self.error}
+        if self.param is not None:
+            found["param"] = self.param
+        if self.code is not None:
+            found["code"] = self.code
+        return found
+
+
+# How a line becomes a job: (line number, its bytes or None when over the line limit, the
+# batch's defaults, max question chars, max line bytes) -> the job, why not, or None for a
+# blank line. `parse_line` reads native lines; the OpenAI batch API passes its own
+# (services/api/openai/batches.py), built on `decode_line`.
+LineParser = Callable[[int, bytes | None, Defaults, int, int], ParsedLine | LineError | None]
 
 
 def parse_defaults(strategy: str | None, params_json: str | None, max_chars: int) -> Defaults:
@@ -125,6 +140,16 @@ def parse_line(
     number: int, raw: bytes | None, defaults: Defaults, max_chars: int, max_line_bytes: int
 ) -> ParsedLine | LineError | None:
     """One input line: a job request, the reason it is invalid, or None for a blank line."""
+    data = decode_line(number, raw, max_line_bytes)
+    if data is None or isinstance(data, LineError):
+        return data
+    return _line_request(number, data, defaults, max_chars)
+
+
+def decode_line(
+    number: int, raw: bytes | None, max_line_bytes: int
+) -> dict[str, Any] | LineError | None:
+    """A line's JSON object, the reason it is not one, or None for a blank line."""
     if raw is None:
         return LineError(number, None, f"line is longer than the limit of {max_line_bytes} bytes")
     stripped = raw.strip()
@@ -142,7 +167,7 @@ def parse_line(
         return LineError(number, None, "not valid JSON: too long a number or too deep nesting")
     if not isinstance(data, dict):
         return LineError(number, None, "a line must be a JSON object")
-    return _line_request(number, data, defaults, max_chars)
+    return data
 
 
 def _line_request(
@@ -186,13 +211,19 @@ def clip(text: str) -> str:
 
 
 def parse_lines(
-    reader: LineReader, defaults: Defaults, max_chars: int, limits: Limits
+    reader: LineReader,
+    defaults: Defaults,
+    max_chars: int,
+    limits: Limits,
+    parse: LineParser | None = None,
 ) -> Iterator[ParsedLine | LineError]:
-    """Every non-blank line, parsed. Raises BatchRejected (413) past `limits.max_lines`
-    non-blank lines. Duplicate custom_ids are not checked here."""
+    """Every non-blank line, parsed (by `parse`, default `parse_line`). Raises
+    BatchRejected (413) past `limits.max_lines` non-blank lines. Duplicate custom_ids are
+    not checked here."""
+    parse = parse or parse_line
     count = 0
     for number, raw in reader:
-        parsed = parse_line(number, raw, defaults, max_chars, limits.max_line_bytes)
+        parsed = parse(number, raw, defaults, max_chars, limits.max_line_bytes)
         if parsed is None:
             continue
         count += 1

@@ -240,6 +240,17 @@ def stale_uploads(session: Session, older_than_s: float) -> list[Batch]:
     )
 
 
+def overdue(session: Session) -> list[Batch]:
+    """Batches in progress past their completion window (`expires_at`), locked."""
+    return list(
+        session.scalars(
+            select(Batch)
+            .where(Batch.status == BatchStatus.IN_PROGRESS, Batch.expires_at < func.now())
+            .with_for_update(skip_locked=True)
+        )
+    )
+
+
 def unfinished_lines(session: Session, owner: str, at_most: int) -> int:
     """The owner's batch jobs not finished yet, counting no further than `at_most`."""
     unfinished = (

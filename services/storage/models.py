@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -46,6 +47,7 @@ BATCH_STATUSES = (
     "failed",
     "cancelling",
     "cancelled",
+    "expired",
 )
 
 
@@ -103,6 +105,21 @@ class Batch(Base):
     # Deleted by its owner (DELETE /v1/batches/{id}): invisible from then on; the rows that
     # were not deleted within the request are deleted by the next purge (services/retention).
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The API that created the batch, and so the shape it is shown in: "native" (a JSONL
+    # upload to /v1/batches) or "openai" (POST /v1/batches with an input file; see
+    # docs/openai.md). The columns below are the OpenAI batch's own.
+    api: Mapped[str] = mapped_column(String(16), default="native", server_default="native")
+    input_file_id: Mapped[str | None] = mapped_column(String(40))
+    endpoint: Mapped[str | None] = mapped_column(String(64))
+    completion_window: Mapped[str | None] = mapped_column(String(16))
+    # Past expires_at an unfinished batch expires: its unfinished jobs are cancelled, what
+    # finished is kept (expired_at says when that began).
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    expired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    # The client's own key-value pairs (OpenAI `metadata`); `metadata_` above is ours.
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column(JSONType)
 
 
 class Job(Base):
@@ -273,3 +290,33 @@ class UsageRollup(Base):
     prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cached_prompt_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     generated_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StoredFile(Base):
+    """A file of the OpenAI Files API: uploads (purpose `batch`) and the output and error
+    files of OpenAI-API batches (`batch_output`). Its bytes are `FileChunk` rows."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_owner_created", "owner", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # The batch whose output or error file this is (none for uploads).
+    batch_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class FileChunk(Base):
+    """One piece of a file's bytes (at most `services.files.CHUNK_BYTES`), in order by seq.
+    A file is written and read a chunk at a time, so neither end holds it in memory."""
+
+    __tablename__ = "file_chunks"
+
+    file_id: Mapped[str] = mapped_column(
+        ForeignKey("files.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
