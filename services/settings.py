@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field
+from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 BackendKind = Literal["local", "sglang", "torch"]  # torch: feature model only
@@ -27,7 +27,7 @@ class ModelSettings:
     url: str | None  # base URL of the OpenAI-compatible server (backend "sglang")
     n_params: int | None  # parameter count override for the cost model
     # Where a served model's chat template comes from: a tokenizer_config.json, a .jinja
-    # file, or None (the server's, when it exposes one, else ChatML).
+    # file, a model directory, or None: found from the served model (template_source.py).
     chat_template: str | None = None
 
     @property
@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     http_retries: int = Field(default=3, ge=0, le=10)
     # Vocabulary size for entropy estimates from top-k logprobs (SGLang does not report it).
     http_vocab_size: int | None = Field(default=None, ge=2)
+    # The Hugging Face cache the model servers download into (shared with the SGLang
+    # sidecar): where a served model's chat template is looked up. The hub's own variables.
+    hf_hub_cache: str | None = Field(
+        default=None, validation_alias=AliasChoices("hf_hub_cache", "HF_HUB_CACHE")
+    )
+    hf_home: str | None = Field(default=None, validation_alias=AliasChoices("hf_home", "HF_HOME"))
 
     # Sufficiency classifier: a trained artifact, or the training-free default policy
     classifier_artifact: str | None = None
@@ -89,6 +95,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     metrics_port: int = Field(default=0, ge=0, le=65535)  # workers' /metrics; 0: off
+    # prometheus_client's multiprocess directory; `tandem api` sets a fresh one itself.
+    prometheus_multiproc_dir: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("prometheus_multiproc_dir", "PROMETHEUS_MULTIPROC_DIR"),
+    )
 
     # API
     api_host: str = "127.0.0.1"
