@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     feature_backend: BackendKind | None = None
     feature_model: str | None = None
     feature_url: str | None = None
+    feature_params: int | None = None
 
     # Local (llama.cpp) engine
     local_threads: int = Field(default=0, ge=0)  # 0: one per core
@@ -114,12 +115,15 @@ class Settings(BaseSettings):
     def model(self, role: Role) -> ModelSettings:
         if role == "feature":
             executor = self.model("executor")
+            model = self.feature_model or executor.model
             return ModelSettings(
                 role="feature",
                 backend=self.feature_backend or executor.backend,
-                model=self.feature_model or executor.model,
+                model=model,
                 url=self.feature_url or executor.url,
-                n_params=None,
+                # SGLang does not report parameter counts: the executor's, when it is its model
+                n_params=self.feature_params
+                or (executor.n_params if model == executor.model else None),
                 chat_template=executor.chat_template,
             )
         return ModelSettings(
