@@ -29,7 +29,8 @@ most five non-space characters (about 1.2 per English word, near a BPE tokenizer
 CPU: one engine loop per process; per step it touches only streaming requests (one event
 each) and the requests that finish (a heap keyed by the step they finish at), so hundreds
 of sequences in flight cost little CPU. `GET /sim/stats` reports counters; with `--record`
-every completion request body is kept for `GET /sim/log` (the capacity bench replays them).
+every completion and tokenize request (time, path, body) is kept for `GET /sim/log` (the
+capacity bench replays them).
 
     python bench/sim_server.py --profile 32b-h200 --port 30000 --model-path org/Model
 """
@@ -399,7 +400,7 @@ def build_app(options: Options) -> Starlette:
         except Problem as error:
             return problem(error.status, str(error))
         if options.record:
-            log.append(body)
+            log.append({"t": time.monotonic(), "path": "/v1/completions", "body": body})
         if body.get("stream"):
             seq.stream = asyncio.Queue()
             engine.submit(seq)
@@ -462,6 +463,8 @@ def build_app(options: Options) -> Starlette:
         text = body.get("prompt", body.get("text", ""))
         if not isinstance(text, str):
             return problem(400, "prompt must be a string")
+        if options.record:
+            log.append({"t": time.monotonic(), "path": "/tokenize", "body": body})
         ids = [vocab.id(t) for t in tokenize(text)]
         if options.add_bos and body.get("add_special_tokens", True):
             ids.insert(0, 0)
