@@ -225,6 +225,23 @@ def stack_outcome(db_url: str, ids: list[str], run: Run) -> None:
     )
     run.reclaimed = sum(1 for _, _, attempts, _ in rows if attempts > 1)
     run.latencies = sorted(float(latency or 0) for *_, latency in rows)
+    with engine.connect() as connection:  # where the re-claimed jobs lost their time
+        slow = connection.execute(
+            text(
+                "SELECT j.id, j.attempts, s.seq, s.kind, "
+                "extract(epoch FROM s.created_at - j.created_at), s.latency_s "
+                "FROM jobs j JOIN stages s ON s.job_id = j.id "
+                "WHERE j.id = ANY(:ids) AND j.attempts > 1 ORDER BY j.id, s.seq"
+            ),
+            {"ids": ids},
+        ).all()
+    engine.dispose()
+    for job_id, attempts, seq, kind, at, latency in slow[:40]:
+        print(
+            f"    re-claimed {job_id} (attempts {attempts}): stage {seq} {kind} recorded "
+            f"{at:.1f} s after submit, its model call {latency:.2f} s",
+            flush=True,
+        )
 
 
 # --- straight to the simulators ---------------------------------------------------------
@@ -247,18 +264,25 @@ def recorded_requests(sims: dict[str, str]) -> dict[str, list[tuple[float, str, 
 async def run_direct(
     sims: dict[str, str], per_job: dict[str, list], tags: list[str], in_flight: int
 ) -> float:
+    """Replay each job's requests in order, `in_flight` jobs at a time. aiohttp, not
+    httpx: at 256 concurrent requests httpx's async pool costs ~17 ms of CPU a request
+    (measured here), which would make this baseline client-bound; aiohttp ~0.3 ms."""
+    import aiohttp
+
     queue: asyncio.Queue[str] = asyncio.Queue()
     for tag in tags:
         queue.put_nowait(tag)
-    limits = httpx.Limits(max_connections=2 * in_flight, max_keepalive_connections=2 * in_flight)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    connector = aiohttp.TCPConnector(limit=2 * in_flight)
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def worker() -> None:
             while not queue.empty():
                 tag = queue.get_nowait()
                 for _, role, path, body in per_job.get(tag, []):
-                    response = await client.post(f"{sims[role]}{path}", json=body)
-                    response.raise_for_status()
+                    async with session.post(f"{sims[role]}{path}", json=body) as response:
+                        response.raise_for_status()
+                        await response.read()
 
         started = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(in_flight)))
@@ -381,6 +405,7 @@ def measure(level, args, params, api_url, key, db, admin, database, sim_urls, co
     for url in sim_urls.values():
         httpx.post(f"{url}/flush_cache")
         httpx.post(f"{url}/sim/reset")
+        httpx.get(f"{url}/sim/log", params={"clear": 1}, timeout=120)
     sampler = ConnectionSampler(admin, database)
     sampler.start()
     cpu0, sim0 = tree_cpu_s(control), tree_cpu_s(sim_pids)
@@ -395,9 +420,10 @@ def measure(level, args, params, api_url, key, db, admin, database, sim_urls, co
     transitions = stack.transitions
     for url in sim_urls.values():
         httpx.post(f"{url}/flush_cache")
-    sim2 = tree_cpu_s(sim_pids)
+    sim2, client0 = tree_cpu_s(sim_pids), time.process_time()
     direct_s = asyncio.run(run_direct(sim_urls, per_job, tags, level))
     direct = Run(n_jobs, direct_s, sim_cpu_s=tree_cpu_s(sim_pids) - sim2)
+    direct.control_cpu_s = time.process_time() - client0  # the asyncio client's own
     requests = stack.requests
     print(
         f"  {level:>3} in flight: {n_jobs} jobs, {transitions} stages, {requests} model requests; "
@@ -437,6 +463,11 @@ def report(results) -> None:
             f"max {lat[-1]:.1f} s; {stack.reclaimed} jobs claimed a stage again "
             f"(redelivery or reconciler); {stack.requests / max(1, stack.jobs):.2f} model "
             "requests per job"
+        )
+    for level, _, direct in results:
+        print(
+            f"  {level} in flight, direct: the asyncio client used {direct.control_cpu_s:.1f} "
+            f"CPU s over {direct.elapsed_s:.1f} s"
         )
     by_level = {level: (stack, direct) for level, stack, direct in results}
     if 64 in by_level:
