@@ -81,6 +81,20 @@ def test_scoring_and_tokenizer(backend) -> None:
     assert short.n_tokens == 5
 
 
+def test_scoring_a_short_text_skips_the_tokenizer() -> None:
+    """A text of fewer bytes than the token cap cannot exceed it: one request, not two."""
+    with (
+        SimServer("--record") as sim,
+        OpenAIHTTPBackend(sim.url, n_params=1, chat_template="x") as backend,
+    ):
+        backend.score("Question: 2+2?\n\nAnswer:", 1024)
+        short = httpx.get(f"{sim.url}/sim/log", params={"clear": 1}).json()
+        backend.score("word " * 300, 1024)
+        long = httpx.get(f"{sim.url}/sim/log").json()
+    assert [e["path"] for e in short] == ["/v1/completions"]
+    assert [e["path"] for e in long] == ["/tokenize", "/v1/completions"]
+
+
 def test_streams_and_aborts(sim, backend) -> None:
     tokens = list(backend.stream(GenerationRequest(prompt="go", max_tokens=6, top_logprobs=2)))
     assert len(tokens) == 6 and all(t.top for t in tokens)

@@ -439,6 +439,8 @@ class OpenAIHTTPBackend:
         and detokenizer where it has them, else a character-proportional cut)."""
         if max_tokens <= 0 or not text:
             return ""
+        if len(text.encode("utf-8")) < max_tokens:
+            return text  # every token spans at least one byte: no round trip needed
         try:
             ids = self._tokenize(text, add_special=False)
         except _NoTokenizer:
