@@ -11,13 +11,20 @@ Metric names (the Grafana dashboard in dashboards/grafana.json is built on them)
 - tandem_stage_wasted_total{reason}           counter, stages that ran but were not recorded
 - tandem_stages_in_flight{queue}              gauge, stages running in this worker process
 - tandem_http_request_seconds{method,endpoint,status}   histogram (API)
+
+The API's gunicorn processes share their counts through prometheus_client's multiprocess
+mode: `multiprocess_metrics_dir()` makes the directory (before the processes start) and
+`mark_process_dead` is gunicorn's `child_exit` hook.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -77,6 +84,32 @@ def serve_queue_depths(broker, port: int) -> None:
 
     REGISTRY.register(QueueDepths(broker))
     start_http_server(port)
+
+
+def multiprocess_metrics_dir() -> str:
+    """A fresh, empty directory for prometheus_client's multiprocess mode, exported as
+    PROMETHEUS_MULTIPROC_DIR to the processes started after this call (files of an earlier
+    run would otherwise be summed into this one's counts)."""
+    from prometheus_client import values
+
+    directory = tempfile.mkdtemp(prefix="tandem-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    # Metric values created from now on (in this process and its children) go to files,
+    # even if prometheus_client was imported before the directory existed.
+    values.ValueClass = values.get_value_class()
+    return directory
+
+
+def mark_process_dead(_server: Any, worker: Any) -> None:
+    """gunicorn `child_exit` hook: drop a dead process's live gauges (its counters and
+    histograms stay counted)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def remove_metrics_dir(directory: str) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def observe_stage(record: StageRecord) -> None:

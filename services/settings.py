@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # local: llama.cpp in this process; sglang: a server speaking the OpenAI-compatible
@@ -40,7 +40,7 @@ class ModelSettings:
     url: str | None  # base URL of the OpenAI-compatible server (backend "sglang")
     n_params: int | None  # parameter count override for the cost model
     # Where a served model's chat template comes from: a tokenizer_config.json, a .jinja
-    # file, or None (the server's, when it exposes one, else ChatML).
+    # file, a model directory, or None: found from the served model (template_source.py).
     chat_template: str | None = None
     # Bearer token for the model server (SGLang's --api-key); None: send none.
     api_key: str | None = field(default=None, repr=False)
@@ -90,6 +90,7 @@ class Settings(BaseSettings):
     # Workers: stages one worker process runs at once (its thread pool). With a model server
     # behind it, size it to the server's batch capacity (SGLang --max-running-requests).
     worker_concurrency: int = Field(default=16, ge=1, le=4096)
+    feature_params: int | None = None
 
     # Local (llama.cpp) engine
     local_threads: int = Field(default=0, ge=0)  # 0: one per core
@@ -105,6 +106,12 @@ class Settings(BaseSettings):
     http_retries: int = Field(default=3, ge=0, le=10)
     # Vocabulary size for entropy estimates from top-k logprobs (SGLang does not report it).
     http_vocab_size: int | None = Field(default=None, ge=2)
+    # The Hugging Face cache the model servers download into (shared with the SGLang
+    # sidecar): where a served model's chat template is looked up. The hub's own variables.
+    hf_hub_cache: str | None = Field(
+        default=None, validation_alias=AliasChoices("hf_hub_cache", "HF_HUB_CACHE")
+    )
+    hf_home: str | None = Field(default=None, validation_alias=AliasChoices("hf_home", "HF_HOME"))
 
     # Sufficiency classifier: a trained artifact, or the training-free default policy
     classifier_artifact: str | None = None
@@ -133,6 +140,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = True
     metrics_port: int = Field(default=0, ge=0, le=65535)  # workers' /metrics; 0: off
+    # prometheus_client's multiprocess directory; `tandem api` sets a fresh one itself.
+    prometheus_multiproc_dir: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("prometheus_multiproc_dir", "PROMETHEUS_MULTIPROC_DIR"),
+    )
 
     # API
     api_host: str = "127.0.0.1"
@@ -210,12 +222,15 @@ class Settings(BaseSettings):
         see ENV_PREFIX), by default the executor's; it has no parameter override."""
         if role == "classifier":
             executor = self.model("executor")
+            model = self.feature_model or executor.model
             return ModelSettings(
                 role="classifier",
                 backend=self.feature_backend or executor.backend,
-                model=self.feature_model or executor.model,
+                model=model,
                 url=self.feature_url or executor.url,
-                n_params=None,
+                # SGLang does not report parameter counts: the executor's, when it is its model
+                n_params=self.feature_params
+                or (executor.n_params if model == executor.model else None),
                 chat_template=executor.chat_template,
                 api_key=self._model_api_key(),
             )

@@ -231,11 +231,11 @@ def test_invalid_request_is_rejected_locally(backend):
         backend.generate(req(top_p=0.0))
 
 
-def test_chat_prompt_falls_back_to_chatml(backend):
+def test_chat_prompt_uses_the_served_gguf_template(backend):
     import llama_cpp
 
-    # llama-cpp-python has no /props, so the backend uses ChatML, which is SmolLM2's
-    # own template whenever a system message is given.
+    # llama-cpp-python has no /props; the model it reports is the GGUF file, whose own
+    # template is used (it is ChatML whenever a system message is given).
     llm = llama_cpp.Llama(str(default_model_path()), n_ctx=64, verbose=False, vocab_only=True)
     gguf_template = llm.metadata["tokenizer.chat_template"]
     messages = [
@@ -243,6 +243,7 @@ def test_chat_prompt_falls_back_to_chatml(backend):
         {"role": "user", "content": "What is 2+2?"},
     ]
     got = backend.chat_prompt(messages)
+    assert backend.chat_template_origin() == str(default_model_path())
     assert got == render_chat(CHATML_TEMPLATE, messages, add_generation_prompt=True)
     assert got == render_chat(gguf_template, messages, add_generation_prompt=True)
     assert got.endswith("<|im_start|>assistant\n")

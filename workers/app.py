@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -54,13 +55,15 @@ app = make_app()
 
 
 @signals.worker_init.connect
-def _worker_started(**_kwargs) -> None:
+def _worker_started(sender=None, **_kwargs) -> None:
     """JSON logs, this worker's /metrics on TANDEM_METRICS_PORT (0: none), and a check of
-    the classifier artifact: a missing or incompatible one stops the worker now, with one
-    line saying why, instead of failing every job later."""
+    the classifier artifact and of its served models' chat templates: a missing or
+    incompatible one stops the worker now, with one line saying why, instead of failing
+    every job later."""
     from prometheus_client import start_http_server
 
     from services.core.backends.base import ConfigurationError
+    from services.core.backends.template_source import check_served_templates
     from services.core.classifier import check_classifier_artifact
     from services.observability import setup_logging
 
@@ -68,6 +71,8 @@ def _worker_started(**_kwargs) -> None:
     setup_logging(settings.log_level, settings.log_json)
     try:
         check_classifier_artifact(settings)
+        for line in check_served_templates(settings, sender.app.amqp.queues.consume_from):
+            logging.getLogger("tandem.worker").info(line)
     except ConfigurationError as error:
         sys.stderr.write(f"tandem worker: {error}\n")
         sys.stderr.flush()

@@ -27,10 +27,17 @@ def api(host: str | None, port: int | None, workers: int | None, threads: int | 
     from gunicorn.app.base import BaseApplication
 
     from services.api import create_app
-    from services.observability import setup_logging
+    from services.observability import (
+        mark_process_dead,
+        multiprocess_metrics_dir,
+        remove_metrics_dir,
+        setup_logging,
+    )
 
     settings = get_settings()
     setup_logging(settings.log_level, settings.log_json)
+    metrics_dir = multiprocess_metrics_dir()  # /metrics sums every process's counts
+    settings = settings.model_copy(update={"prometheus_multiproc_dir": metrics_dir})
     options = {
         "bind": f"{host or settings.api_host}:{port or settings.api_port}",
         "workers": workers or settings.api_workers,
@@ -41,6 +48,8 @@ def api(host: str | None, port: int | None, workers: int | None, threads: int | 
         "graceful_timeout": 30,
         "accesslog": None,
         "loglevel": "warning",
+        "child_exit": mark_process_dead,
+        "on_exit": lambda _server: remove_metrics_dir(metrics_dir),
     }
 
     class Server(BaseApplication):

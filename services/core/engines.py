@@ -81,17 +81,25 @@ class Engines:
                 f"set {model.env_prefix}_URL=http://host:port"
             )
         from services.core.backends.openai_http import OpenAIHTTPBackend
+        from services.core.backends.template_source import TemplateSource
 
         return OpenAIHTTPBackend(
             model.url,
             model_name=None if model.model == "default" else model.model,
             n_params=model.n_params,
-            chat_template=read_chat_template(model.chat_template) if model.chat_template else None,
+            chat_template=TemplateSource.for_role(
+                model.role,
+                model.chat_template,
+                model.model,
+                self.settings.hf_hub_cache,
+                self.settings.hf_home,
+            ),
             timeout_s=self.settings.http_timeout_s,
             connect_timeout_s=self.settings.http_connect_timeout_s,
             retries=self.settings.http_retries,
             vocab_size=self.settings.http_vocab_size,
             role=model.role,
+            api_key=model.api_key,
         )
 
     def _load_policy(self, name: str) -> SufficiencyPolicy:
@@ -103,21 +111,8 @@ class Engines:
 
 
 def read_chat_template(path: str) -> str:
-    """A chat template from a Hugging Face tokenizer_config.json or a plain template file."""
-    import json
+    """A chat template from a Hugging Face tokenizer_config.json, a template file, a model
+    directory or a GGUF file."""
+    from services.core.backends.template_source import read_template_path
 
-    file = Path(path)
-    try:
-        text = file.read_text()
-    except OSError as error:
-        raise ConfigurationError(f"cannot read chat template {path}: {error.strerror}") from None
-    if file.suffix != ".json":
-        return text
-    template = json.loads(text).get("chat_template")
-    if isinstance(template, list):  # several named templates: take the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if not isinstance(template, str):
-        raise ConfigurationError(
-            f"{path} has no chat_template: point at the model's tokenizer_config.json"
-        )
-    return template
+    return read_template_path(Path(path), "").text

@@ -1,11 +1,15 @@
 """Client of an OpenAI-compatible completion server: SGLang in production, llama.cpp's
 servers (C++ `llama-server`, `llama-cpp-python[server]`) and vLLM speak the same protocol.
 
-Prompts are raw text (`/v1/completions`); the chat template is applied on our side. The
-server kind (SGLang, llama.cpp, llama-cpp-python, other) is probed lazily, once, from the
-endpoints it answers, and only matters for the extras: tokenization, chat template,
-model metadata, abort, and a known flaw of llama-cpp-python's prompt log-probabilities
-(see `_realign_llama_cpp_python`).
+Prompts are raw text (`/v1/completions`); the chat template is applied on our side, with
+the served model's own template (`template_source.py` says where it is found; none found
+is an error naming `TANDEM_<ROLE>_CHAT_TEMPLATE`, never a guess). When the server adds a
+BOS token itself (its tokenizer of an empty text is not empty), a BOS the template writes
+is left out of the rendered text, so the model sees one BOS, not two. The server kind
+(SGLang, llama.cpp, llama-cpp-python, other) is probed lazily, once, from the endpoints
+it answers, and only matters for the extras: tokenization, chat template, model
+metadata, abort, and a known flaw of llama-cpp-python's prompt log-probabilities (see
+`_realign_llama_cpp_python`).
 
 Errors: connection failures, timeouts, 429 and 5xx are retried `retries` times with
 exponential backoff and jitter, then raised as `TransientBackendError`; any other 4xx
@@ -41,6 +45,12 @@ from services.core.backends.base import (
     validate_request,
 )
 from services.core.backends.chat_template import ChatTemplateError, render_chat
+from services.core.backends.template_source import (
+    ChatTemplate,
+    ServedModel,
+    TemplateSource,
+    served_ids,
+)
 from services.settings import ENV_PREFIX
 
 ServerKind = Literal["sglang", "llama.cpp", "llama-cpp-python", "openai"]
@@ -67,6 +77,7 @@ _FINISH: dict[str, FinishReason] = {
 class _ServerInfo:
     kind: ServerKind
     model_id: str | None = None
+    model_ids: tuple[str, ...] = ()  # what the server says it serves, most specific first
     n_params: int | None = None
     n_vocab: int | None = None
     chat_template: str | None = None
@@ -92,6 +103,12 @@ _TOKENIZERS: dict[ServerKind, _Tokenizer] = {
 }
 
 
+@dataclass(frozen=True)
+class _Rendering:
+    template: ChatTemplate
+    server_adds_bos: bool
+
+
 @dataclass
 class _Row:
     """What the server told us about one scored position."""
@@ -111,19 +128,28 @@ class OpenAIHTTPBackend:
         *,
         model_name: str | None = None,
         n_params: int | None = None,
-        chat_template: str | None = None,
+        chat_template: str | TemplateSource | None = None,
         timeout_s: float = 300,
         connect_timeout_s: float = 5,
         retries: int = 3,
         vocab_size: int | None = None,
         role: str | None = None,
         score_top_k: int = SCORE_TOP_K,
+        api_key: str | None = None,
     ) -> None:
         self._env = ENV_PREFIX.get(role, "TANDEM_<ROLE>") if role else "TANDEM_<ROLE>"
         self.base_url = _normalize_url(base_url, self._env)
         self._model_name = model_name
         self._n_params = n_params
-        self._chat_template = chat_template
+        if isinstance(chat_template, str):
+            chat_template = ChatTemplate(chat_template, "the caller")
+        self._template_given = chat_template if isinstance(chat_template, ChatTemplate) else None
+        self._template_source = (
+            chat_template
+            if isinstance(chat_template, TemplateSource)
+            else TemplateSource(setting=f"{self._env}_CHAT_TEMPLATE")
+        )
+        self._rendering: _Rendering | None = None
         self._vocab_size = vocab_size
         self._retries = max(0, retries)
         self._score_top_k = max(1, score_top_k)
@@ -132,6 +158,8 @@ class OpenAIHTTPBackend:
             timeout=httpx.Timeout(timeout_s, connect=connect_timeout_s),
             limits=httpx.Limits(max_connections=_POOL_SIZE, max_keepalive_connections=_POOL_SIZE),
             trust_env=False,  # model servers are internal endpoints: never via a proxy
+            # SGLang's --api-key (TANDEM_MODEL_API_KEY): every endpoint, /health included.
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
         self._lock = threading.Lock()
         self._info: _ServerInfo | None = None
@@ -174,20 +202,53 @@ class OpenAIHTTPBackend:
     def chat_prompt(
         self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True
     ) -> str:
-        """Render with the constructor's template, else the one llama.cpp reports at
-        `/props`, else ChatML (SGLang does not expose its template)."""
-        info = self._server() if self._chat_template is None else None
-        template = self._chat_template or (info.chat_template if info else None)
+        """Render with the served model's own chat template (see `template_source.py`)."""
+        rendering = self._template()
         try:
-            return render_chat(
-                template,
+            text = render_chat(
+                rendering.template.text,
                 messages,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=info.bos_token if info else "",
-                eos_token=info.eos_token if info else "",
+                bos_token=rendering.template.bos_token,
+                eos_token=rendering.template.eos_token,
             )
         except ChatTemplateError as exc:
             raise BackendError(f"{self.model_name}: {exc}") from exc
+        bos = rendering.template.bos_token
+        if rendering.server_adds_bos and bos and text.startswith(bos):
+            text = text[len(bos) :]
+        return text
+
+    def chat_template_origin(self) -> str:
+        """Where this model's chat template was found; raises `ChatTemplateNotFound` (a
+        configuration error naming the setting) when it cannot be, and
+        `TransientBackendError` when the server must be asked and does not answer."""
+        return self._template().template.origin
+
+    def _template(self) -> _Rendering:
+        with self._lock:
+            if self._rendering is not None:
+                return self._rendering
+        template = self._template_given
+        if template is None:
+            served = ServedModel()
+            if self._template_source.needs_server:
+                info = self._server()
+                served = ServedModel(
+                    info.model_ids, info.chat_template, info.bos_token, info.eos_token
+                )
+            template = self._template_source.resolve(served, self.base_url)
+        rendering = _Rendering(template, template.bos_token != "" and self._adds_bos())
+        with self._lock:
+            self._rendering = rendering
+        return rendering
+
+    def _adds_bos(self) -> bool:
+        """Whether the server puts a BOS token before a prompt itself."""
+        try:
+            return len(self._tokenize("", add_special=True)) > 0
+        except _NoTokenizer:
+            return False
 
     def count_tokens(self, text: str) -> int:
         return len(self._tokenize(text, add_special=True))
@@ -382,6 +443,8 @@ class OpenAIHTTPBackend:
         and detokenizer where it has them, else a character-proportional cut)."""
         if max_tokens <= 0 or not text:
             return ""
+        if len(text.encode("utf-8")) < max_tokens:
+            return text  # every token spans at least one byte: no round trip needed
         try:
             ids = self._tokenize(text, add_special=False)
         except _NoTokenizer:
@@ -491,8 +554,10 @@ class OpenAIHTTPBackend:
 
     def _probe(self) -> _ServerInfo:
         models = self._get_optional("/v1/models", soft=False) or {}
-        first = (models.get("data") or [{}])[0] or {}
+        cards = [c for c in models.get("data") or [] if isinstance(c, dict)]
+        first = cards[0] if cards else {}
         meta = first.get("meta") or {}
+        listed = [v for card in cards for v in (card.get("root"), card.get("id"))]
         common = {
             "model_id": first.get("id"),
             "n_params": _as_int(meta.get("n_params")),
@@ -504,18 +569,20 @@ class OpenAIHTTPBackend:
         ):
             return _ServerInfo(
                 "llama.cpp",
+                model_ids=served_ids([props.get("model_path"), *listed]),
                 chat_template=props.get("chat_template") or None,
                 bos_token=props.get("bos_token") or "",
                 eos_token=props.get("eos_token") or "",
                 **common,
             )
-        info = self._get_optional("/get_model_info")
+        info = self._get_optional("/get_model_info") or self._get_optional("/model_info")
         if info is not None and "model_path" in info:
-            return _ServerInfo("sglang", **common)
+            paths = [info.get("tokenizer_path"), info.get("model_path"), *listed]
+            return _ServerInfo("sglang", model_ids=served_ids(paths), **common)
         spec = self._get_optional("/openapi.json") or {}
         if "llama.cpp python" in str((spec.get("info") or {}).get("title", "")).lower():
-            return _ServerInfo("llama-cpp-python", **common)
-        return _ServerInfo("openai", **common)
+            return _ServerInfo("llama-cpp-python", model_ids=served_ids(listed), **common)
+        return _ServerInfo("openai", model_ids=served_ids(listed), **common)
 
     def _tokenize(self, text: str, *, add_special: bool) -> list[int]:
         tok = _TOKENIZERS[self._server().kind]
