@@ -63,8 +63,8 @@ def _worker_started(sender=None, **_kwargs) -> None:
     from prometheus_client import start_http_server
 
     from services.core.backends.base import ConfigurationError
-    from services.core.backends.template_source import check_served_templates
     from services.core.classifier import check_classifier_artifact
+    from services.core.engines import check_served_templates
     from services.observability import setup_logging
 
     settings = get_settings()

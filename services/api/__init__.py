@@ -37,6 +37,7 @@ def create_app(
     from services.api.admission import Admission
     from services.api.auth import KeyCache
     from services.api.limits import RateLimiter
+    from services.api.openai import batches as openai_batches
     from services.broker import Broker
 
     settings = settings or get_settings()
@@ -67,4 +68,7 @@ def create_app(
     )
     for blueprint in blueprints:
         app.register_blueprint(blueprint)
+    # OpenAI-format batches share the native /v1/batches routes: a JSON POST, an OpenAI-made
+    # batch's GET and cancel, and the list are answered by the OpenAI API (docs/openai.md).
+    app.before_request(openai_batches.take_over)
     return app

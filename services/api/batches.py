@@ -34,15 +34,6 @@ ERRORS_SHOWN = 100  # invalid lines listed in a batch's JSON (all of them are in
 RESULTS_FLUSH_BYTES = 64 * 1024
 
 
-@bp.before_request
-def _openai_batches() -> Response | None:
-    """OpenAI-format batches share these routes: a JSON POST, an OpenAI-made batch's GET and
-    cancel, and the list are served by services/api/openai/batches.py (docs/openai.md)."""
-    from services.api.openai.batches import take_over
-
-    return take_over()
-
-
 def init_app(app: Flask) -> None:
     settings = app.config["TANDEM"]
     limits = batches.Limits(max_owner_lines=settings.max_batch_lines_per_owner)

@@ -11,9 +11,10 @@ loads only the roles its queue needs.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 
-from services.core.backends.base import Backend, ConfigurationError
+from services.core.backends.base import Backend, BackendError, ConfigurationError
 from services.core.classifier import trained_policy
 from services.core.sufficiency import EntropyPolicy, SufficiencyPolicy
 from services.settings import ModelSettings, Role, Settings
@@ -116,3 +117,35 @@ def read_chat_template(path: str) -> str:
     from services.core.backends.template_source import read_template_path
 
     return read_template_path(Path(path), "").text
+
+
+CHAT_ROLES = frozenset({"coordinator", "executor"})  # the roles that render chat prompts
+
+
+def check_served_templates(settings: Settings, queues: Iterable[str]) -> list[str]:
+    """At a worker's start: find the chat template of every served model whose prompts
+    this worker renders (its queues' roles), so a missing one stops the worker with one
+    line (`ChatTemplateNotFound`) instead of failing jobs later. A model server that does
+    not answer yet is left for the first stage to ask again. Returns one line per role
+    saying where its template came from, or why it could not be checked now."""
+    # A queue is named after its role, and its lanes after the queue (services/queues.py).
+    roles = sorted({queue.split(".", 1)[0] for queue in queues} & CHAT_ROLES)
+    served = [r for r in roles if settings.model(r).backend == "sglang"]
+    if not served:
+        return []
+    engines = Engines(settings)
+    lines = []
+    try:
+        for role in served:
+            backend = engines.backend(role)
+            try:
+                lines.append(
+                    f"{role} prompts use the chat template from {backend.chat_template_origin()}"
+                )
+            except ConfigurationError:
+                raise
+            except BackendError as error:  # e.g. the server does not answer yet
+                lines.append(f"{role} chat template not checked at start: {error}")
+    finally:
+        engines.close()
+    return lines

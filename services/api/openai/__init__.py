@@ -6,7 +6,7 @@ changed (docs/openai.md). One file per endpoint, as in SGLang's entrypoints:
     chat_completions.py  POST /v1/chat/completions (plain and streamed): a job, waited for
     files.py             /v1/files: upload (streamed into Postgres), list, get, content, delete
     batches.py           OpenAI-format batches, served on the native /v1/batches routes
-                         (services/api/batches.py hands them over; see `batches.take_over`)
+                         (create_app hands them over: see `batches.take_over`)
     errors.py            OpenAI's error shape for every failure on these routes
     protocol.py          the request and response models (pydantic), framework-free
     catalog.py           model ids <-> strategies and operating points

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.core.engines import ConfigurationError
+from services.core.backends.base import ConfigurationError
 
 TEMPLATE_FILES = ("chat_template.jinja", "tokenizer_config.json", "chat_template.json")
 
@@ -258,38 +258,3 @@ def _from_gguf(path: Path) -> ChatTemplate:
 def served_ids(values: Sequence[Any]) -> tuple[str, ...]:
     """The non-empty strings among what a server reported, in order, without repeats."""
     return tuple(dict.fromkeys(v for v in values if isinstance(v, str) and v.strip()))
-
-
-CHAT_ROLES = frozenset({"coordinator", "executor"})  # the roles that render chat prompts
-
-
-def check_served_templates(settings: Any, queues: Iterable[str]) -> list[str]:
-    """At a worker's start: find the chat template of every served model whose prompts
-    this worker renders (its queues' roles), so a missing one stops the worker with one
-    line (`ChatTemplateNotFound`) instead of failing jobs later. A model server that does
-    not answer yet is left for the first stage to ask again. Returns one line per role
-    saying where its template came from, or why it could not be checked now."""
-    from services.core.backends.base import BackendError
-    from services.core.engines import Engines
-
-    # A queue is named after its role, and its lanes after the queue (services/queues.py).
-    roles = sorted({queue.split(".", 1)[0] for queue in queues} & CHAT_ROLES)
-    served = [r for r in roles if settings.model(r).backend == "sglang"]
-    if not served:
-        return []
-    engines = Engines(settings)
-    lines = []
-    try:
-        for role in served:
-            backend = engines.backend(role)
-            try:
-                lines.append(
-                    f"{role} prompts use the chat template from {backend.chat_template_origin()}"
-                )
-            except ConfigurationError:
-                raise
-            except BackendError as error:  # e.g. the server does not answer yet
-                lines.append(f"{role} chat template not checked at start: {error}")
-    finally:
-        engines.close()
-    return lines
