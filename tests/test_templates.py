@@ -243,7 +243,7 @@ QUESTION = "What is 2+3?"
 
 
 def run(served, strategy: str, params: dict):
-    from services.core.params import parse_job_request
+    from services.core.requests import parse_job_request
     from services.core.runner import run_job
 
     engines, proxies, _ = served

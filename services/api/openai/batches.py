@@ -102,7 +102,8 @@ def _peek_owner() -> str | None:
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return None
-    return current_app.extensions["tandem.keys"].owner(settings().database_url, key.strip())
+    cache = current_app.extensions["tandem.keys"]
+    return cache.owner(settings(), key.strip(), request.remote_addr or "")
 
 
 @dual_errors
