@@ -1,4 +1,10 @@
-"""RFC 9457 problem responses: every error a client sees says what was wrong, never a trace."""
+"""RFC 9457 problem responses: every error a client sees says what was wrong, never a trace.
+
+`install` registers the handlers that turn exceptions into problems, and one check that
+runs before every view: a URL whose path or query string holds text no store can keep (a
+NUL, from %00) is answered 422 naming the part, before it can reach a SQL parameter.
+Requests gunicorn cannot even parse (a URL or header over its limits) are answered as
+problems too, by `unparsed_request_response` (see `tandem api`)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,8 @@ from flask import Flask, Response, json
 from sqlalchemy.exc import DataError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from werkzeug.exceptions import HTTPException
+
+from services.core.requests import shown, unstorable
 
 log = logging.getLogger("tandem.api")
 
@@ -52,7 +60,23 @@ def problem_response(
     return response
 
 
+def refuse_unstorable_url() -> None:
+    """Path ids and query strings go into SQL parameters: a value Postgres cannot hold is
+    the client's error (422), found here rather than by the database."""
+    from flask import request
+
+    if problem := unstorable(request.path):
+        raise Problem(422, f"the URL's path {problem}")
+    for name, value in request.args.items(multi=True):
+        if problem := unstorable(name):
+            raise Problem(422, f"a query parameter's name {problem}")
+        if problem := unstorable(value):
+            raise Problem(422, f"query parameter {shown(name)}: {problem}")
+
+
 def install(app: Flask) -> None:
+    app.before_request(refuse_unstorable_url)
+
     @app.errorhandler(Problem)
     def _problem(error: Problem) -> Response:
         return problem_response(
