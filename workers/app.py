@@ -17,6 +17,8 @@ def make_app() -> Celery:
     settings = get_settings()
     app = Celery("tandem", broker=settings.redis_url, include=["workers.tasks"])
     app.conf.update(
+        # kombu's Redis transport, but a failed ack does not hold a prefetch slot forever
+        broker_transport="workers.transport:Transport",
         task_queues=[Queue(name) for name in STAGE_QUEUES],
         task_default_queue="executor",
         task_serializer="json",
