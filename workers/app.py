@@ -18,7 +18,12 @@ def make_app() -> Celery:
     app = Celery("tandem", broker=settings.redis_url, include=["workers.tasks"])
     app.conf.update(
         # kombu's Redis transport, but a failed ack does not hold a prefetch slot forever
-        broker_transport="workers.transport:Transport",
+        # (for redis:// and rediss:// URLs; others keep their own transport)
+        broker_transport=(
+            "workers.transport:Transport"
+            if settings.redis_url.startswith(("redis://", "rediss://"))
+            else None
+        ),
         task_queues=[Queue(name) for name in STAGE_QUEUES],
         task_default_queue="executor",
         task_serializer="json",
