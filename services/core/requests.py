@@ -16,6 +16,7 @@ path ids; the batch parser to custom_ids.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
@@ -57,12 +58,23 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+# Two readers: the plain one (the C scanner converts integers itself) for the usual input,
+# and one that sees every integer literal, for text holding a run of digits long enough to
+# be an oversized one.
+_PLAIN = json.JSONDecoder(parse_constant=_no_constant)
+_CAREFUL = json.JSONDecoder(parse_int=_parse_int, parse_constant=_no_constant)
+_LONG_DIGITS = re.compile(rf"[0-9]{{{MAX_INTEGER_DIGITS + 1}}}")
+
+
 def read_json(data: str | bytes) -> Any:
     """Client JSON (a request body, a batch line, a params string): raises InvalidJSON with
     a short reason for anything that is not JSON, is nested too deeply, or uses NaN or
     Infinity. Strings may still hold unstorable text: the validators catch that by field."""
     try:
-        return json.loads(data, parse_int=_parse_int, parse_constant=_no_constant)
+        if isinstance(data, bytes | bytearray):  # as json.loads reads bytes
+            data = data.decode(json.detect_encoding(data), "surrogatepass")
+        decoder = _CAREFUL if _LONG_DIGITS.search(data) else _PLAIN
+        return decoder.decode(data)
     except json.JSONDecodeError as error:
         raise InvalidJSON(f"{error.msg} (line {error.lineno}, column {error.colno})") from None
     except UnicodeDecodeError:
@@ -73,26 +85,20 @@ def read_json(data: str | bytes) -> Any:
         raise InvalidJSON(str(error)) from None
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def unstorable(text: str) -> str | None:
     """Why `text` cannot be stored or sent on (Postgres text holds no NUL; a lone UTF-16
     surrogate has no UTF-8 encoding, so no database, broker or model takes it), or None."""
-    for index, char in enumerate(text):
-        if char == "\x00":
-            return f"contains a NUL character (U+0000, at character {index + 1})"
-        if "\ud800" <= char <= "\udfff":
-            return (
-                f"contains an unpaired UTF-16 surrogate (U+{ord(char):04X}, at character "
-                f"{index + 1}); send valid Unicode"
-            )
-    return None
-
-
-def check_text(field: str, text: str) -> str:
-    """`text`, or InvalidRequest naming `field` when it cannot be stored."""
-    problem = unstorable(text)
-    if problem:
-        raise InvalidRequest(f"{field}: {problem}")
-    return text
+    found = _UNSTORABLE.search(text)
+    if found is None:
+        return None
+    at = found.start() + 1
+    if found.group() == "\x00":
+        return f"contains a NUL character (U+0000, at character {at})"
+    code = ord(found.group())
+    return f"contains an unpaired UTF-16 surrogate (U+{code:04X}, at character {at}); send valid Unicode"
 
 
 def escape_unstorable(text: str) -> str:
@@ -100,17 +106,12 @@ def escape_unstorable(text: str) -> str:
     messages that are themselves stored (a batch's list of invalid lines)."""
     if unstorable(text) is None:
         return text
-    return "".join(_escaped(char) for char in text)
-
-
-def _escaped(char: str) -> str:
-    if char == "\x00" or "\ud800" <= char <= "\udfff":
-        return char.encode("unicode_escape").decode()
-    return char
+    return _UNSTORABLE.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
 
 
 def shown(value: Any) -> str:
-    """A client's value as a message quotes it: JSON-ish, ASCII-safe, clipped."""
+    """A client's value as a message quotes it: Python's repr for text (control and
+    unstorable characters escaped), JSON otherwise, clipped."""
     if isinstance(value, OversizedNumber):
         return repr(value).strip("<>")
     if isinstance(value, str):
@@ -170,9 +171,11 @@ def parse_job_request(data: object, max_question_chars: int) -> JobRequest:
 def _check_strings(data: dict[str, Any]) -> None:
     """Refuse unstorable text in field names and string values of the request and of its
     params, naming where it is (deeper values are refused by type anyway)."""
-    levels: list[tuple[str, dict[Any, Any]]] = [("", data)]
-    if isinstance(data.get("params"), dict):
-        levels.append(("params.", data["params"]))
+    params = data.get("params")
+    levels = [("", data), ("params.", params)] if isinstance(params, dict) else [("", data)]
+    texts = [text for _, fields in levels for item in fields.items() for text in item]
+    if _UNSTORABLE.search("".join(t for t in texts if isinstance(t, str))) is None:
+        return  # the usual case: one search over everything
     for prefix, fields in levels:
         for name, value in fields.items():
             if isinstance(name, str) and (problem := unstorable(name)):
