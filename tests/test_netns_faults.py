@@ -2,9 +2,11 @@
 reconciler on separate hosts (network namespaces on this machine, joined point to point by
 veth pairs), and links taken down and brought back up (this kernel has no `tc netem`).
 
-    host (this test) --- api  ---pg/redis--- data (Postgres + Redis)
-         \\--------------------------------/  |  \\---pg/redis--- work (3 Celery workers)
-                                                \\---pg/redis--- rec  (the reconciler)
+    data   Postgres and Redis, listening on the data end of every link below
+    api    `tandem api`          links pg-api, redis-api to data; host-api to this test
+    work   3 Celery workers      links pg-work, redis-work to data
+    rec    `tandem reconcile`    links pg-rec, redis-rec to data
+    (this test's own namespace)  link host-data to data: it reads Postgres directly
 
 Each client reaches Postgres and Redis over a link of its own, so a fault cuts exactly one
 path. A link is taken down at the data end: the client's end loses its carrier and what it
