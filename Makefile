@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make run    install, then run one Tandem job on the default model (no servers)
-#   make test   install, then lint and run the whole test suite
+#   make test   install (the Python packages, then what the tests need beyond them:
+#               scripts/install_test_deps.sh), then lint and run the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -9,7 +10,7 @@ PYTEST_ARGS ?=
 # llama-cpp-python, built once per machine by scripts/llama_wheel.sh (same version as pyproject.toml)
 LLAMA_CPP_VERSION = 0.3.36
 
-.PHONY: install run test test-fast lint bench deploy-check clean
+.PHONY: install test-deps run test test-fast lint bench deploy-check clean
 
 $(BIN)/tandem: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,16 +21,22 @@ $(BIN)/tandem: pyproject.toml
 
 install: $(BIN)/tandem
 
+# Chromium, bubblewrap, iproute2, pgbouncer, kubectl, the docker compose CLI (and Postgres and
+# Redis where neither answers nor is installed); quick when all are there; never fails: where
+# something cannot be installed (not root), the tests that need it skip, naming the script.
+test-deps: install
+	PYTHON=$(BIN)/python bash scripts/install_test_deps.sh
+
 run: install
 	$(BIN)/tandem run "$(QUESTION)"
 
 lint: install
 	$(BIN)/ruff check .
 
-test: install lint
+test: install test-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: install
+test-fast: install test-deps
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: install

@@ -9,7 +9,13 @@ from typing import Any
 import click
 
 from services.core.backends.base import BackendError
-from services.core.requests import InvalidRequest, JobRequest, parse_job_request
+from services.core.requests import (
+    InvalidJSON,
+    InvalidRequest,
+    JobRequest,
+    parse_job_request,
+    read_json,
+)
 from services.settings import Settings, get_settings
 
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (InvalidRequest, BackendError, OSError)
@@ -56,9 +62,9 @@ def _request_from_options(
     params: dict[str, Any] = {}
     if params_json:
         try:
-            params = json.loads(params_json)
-        except json.JSONDecodeError as error:
-            raise InvalidRequest(f"--params is not valid JSON: {error.msg}") from None
+            params = read_json(params_json)  # as the API reads a body
+        except InvalidJSON as error:
+            raise InvalidRequest(f"--params is not valid JSON: {error}") from None
         if not isinstance(params, dict):
             raise InvalidRequest("--params must be a JSON object")
     if budgets is not None:

@@ -14,7 +14,8 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -244,16 +245,24 @@ def _empty_db(base_url: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def throwaway_redis(port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+def throwaway_redis(
+    port: int | None = None, bind: Sequence[str] = ("127.0.0.1",), netns: str | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A redis-server of its own; `bind` its addresses (the URL is on the first, which this
+    process must reach), `netns` the network namespace it runs in (`NetworkLab`)."""
     port = port or free_port()
     directory = tempfile.mkdtemp(prefix="tandem-redis-")
     process = subprocess.Popen(
         [
+            *in_netns(netns),
             "redis-server",
             "--port",
             str(port),
             "--bind",
-            "127.0.0.1",
+            *bind,
+            # (clients on other hosts: a throwaway server on addresses of the test's own)
+            "--protected-mode",
+            "yes" if set(bind) <= {"127.0.0.1", "::1"} else "no",
             "--save",
             "",
             "--appendonly",
@@ -265,8 +274,8 @@ def throwaway_redis(port: int | None = None) -> Iterator[tuple[str, subprocess.P
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: port_open("127.0.0.1", port), 10, "redis-server")
-        yield f"redis://127.0.0.1:{port}", process
+        wait_for(lambda: port_open(bind[0], port), 10, "redis-server")
+        yield f"redis://{bind[0]}:{port}", process
     finally:
         process.terminate()
         process.wait(10)
@@ -294,10 +303,11 @@ class Processes:
         self.log_dir = log_dir
         self.running: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+    def start(self, name: str, argv: list[str], netns: str | None = None) -> subprocess.Popen:
+        """Start `argv` (in network namespace `netns`, if given), logging to NAME.log."""
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 (owned by the process)
         process = subprocess.Popen(
-            argv,
+            [*in_netns(netns), *argv],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -307,7 +317,9 @@ class Processes:
         self.running[name] = process
         return process
 
-    def worker(self, queue: str, concurrency: int = 4, name: str | None = None) -> subprocess.Popen:
+    def worker(
+        self, queue: str, concurrency: int = 4, name: str | None = None, netns: str | None = None
+    ) -> subprocess.Popen:
         """A Celery worker for a role (`queue` names it), consuming the role's lanes in order
         of priority, as deployments run it."""
         from services.queues import ROLES, role_queues
@@ -335,15 +347,14 @@ class Processes:
                 "--without-mingle",
                 "--without-heartbeat",
             ],
+            netns,
         )
 
-    def api(self, port: int) -> subprocess.Popen:
-        process = self.start(
-            "api",
-            [str(BIN / "tandem"), "api", "--port", str(port), "--workers", "1", "--threads", "16"],
-        )
+    def api(self, port: int, host: str = "127.0.0.1", netns: str | None = None) -> subprocess.Popen:
+        argv = [str(BIN / "tandem"), "api", "--host", host, "--port", str(port)]
+        process = self.start("api", [*argv, "--workers", "1", "--threads", "16"], netns)
         wait_for(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200,
+            lambda: httpx.get(f"http://{host}:{port}/healthz").status_code == 200,
             30,
             "the API",
             interval=0.2,
@@ -378,23 +389,35 @@ class ThrowawayPostgres:
     again (to take the database away from running services). Initialised as the `postgres`
     user when run as root, like `postgres_server()`."""
 
-    def __init__(self) -> None:
+    def __init__(self, listen: Sequence[str] = ("127.0.0.1",), netns: str | None = None) -> None:
+        """`listen`: its addresses (the admin URL uses the first, which this process must
+        reach); `netns`: the network namespace it runs in (`NetworkLab`)."""
         self.data = Path(tempfile.mkdtemp(prefix="tandem-pg-"))
         self.port = free_port()
+        self.listen = list(listen)
+        self._in_netns = in_netns(netns)
         self._as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         if self._as_user:
             shutil.chown(self.data, "postgres")
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres")
+        if any(address not in ("127.0.0.1", "localhost") for address in self.listen):
+            with open(self.data / "pg_hba.conf", "a") as hba:  # clients on other hosts
+                hba.write("host all all 0.0.0.0/0 trust\n")
 
     def _run(self, binary: str, *args: str, check: bool = True) -> None:
-        subprocess.run([*self._as_user, _pg_bin(binary), *args], check=check, capture_output=True)
+        argv = [*self._in_netns, *self._as_user, _pg_bin(binary), *args]
+        subprocess.run(argv, check=check, capture_output=True)
 
     @property
     def admin_url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return self.url_on(self.listen[0])
+
+    def url_on(self, address: str, database: str = "postgres") -> str:
+        return f"postgresql+psycopg://postgres@{address}:{self.port}/{database}"
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.data} -h 127.0.0.1 -c fsync=off -c max_connections=200"
+        hosts = ",".join(self.listen)
+        options = f"-p {self.port} -k {self.data} -h {hosts} -c fsync=off -c max_connections=200"
         log = str(self.data / "log")
         self._run(
             "pg_ctl", "-D", str(self.data), "-w", "-t", "60", "-l", log, "-o", options, "start"
@@ -413,3 +436,130 @@ class ThrowawayPostgres:
 
     def __exit__(self, *_exc) -> None:
         self.remove()
+
+
+# --- separate hosts on this machine: network namespaces --------------------------------------
+
+
+def in_netns(netns: str | None) -> list[str]:
+    """The argv prefix that runs a command inside network namespace `netns` (none: here)."""
+    return ["ip", "netns", "exec", netns] if netns else []
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@dataclass(frozen=True)
+class Link:
+    """A veth pair between two hosts (None: this process's namespace); /30 addresses."""
+
+    name: str
+    a: str | None
+    b: str | None
+    a_if: str
+    b_if: str
+    a_addr: str
+    b_addr: str
+
+
+class NetworkLab:
+    """Hosts as network namespaces on this machine (Linux, root, iproute2), joined by veth
+    pairs, point to point: each link is its own /30, so taking one link down cuts exactly
+    one path (a service's clients from it) and nothing else. Names are unique per lab (a
+    random prefix), so concurrent runs do not collide; `close` removes every namespace and
+    link it made, and ends the processes still inside them (which this run started)."""
+
+    _made = 0
+
+    def __init__(self) -> None:
+        self.sweep_stale()
+        NetworkLab._made += 1
+        # "tf" + this process's pid + a counter: unique per run, and `sweep_stale` can tell
+        # a lab whose process died (SIGKILL: no finally ran) from one in use.
+        self.prefix = f"tf{os.getpid():06x}{NetworkLab._made % 36:x}"
+        self.octet = 64 + int(uuid.uuid4().hex[:4], 16) % 180  # 10.OCTET.n.0/30 per link
+        self.hosts: dict[str, str] = {}
+        self.links: dict[str, Link] = {}
+
+    @staticmethod
+    def sweep_stale() -> None:
+        """Remove the namespaces of labs whose test process is gone (and the processes it
+        started in them)."""
+        import re
+
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        for line in listed.stdout.splitlines():
+            match = re.match(r"^(tf([0-9a-f]{6})[0-9a-f]-\S+)", line)
+            if not match:
+                continue
+            try:
+                os.kill(int(match.group(2), 16), 0)
+                continue  # its process lives
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            _remove_netns(match.group(1))
+
+    @staticmethod
+    def unavailable() -> str | None:
+        """Why namespaces cannot be made here, or None."""
+        if os.geteuid() != 0:
+            return "needs root (network namespaces): CI and these machines run it as root"
+        if shutil.which("ip") is None:
+            return "no `ip` command: run scripts/install_test_deps.sh (installs iproute2)"
+        probe = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            return f"`ip netns` unavailable ({probe.stderr.strip()[:200]}): run scripts/install_test_deps.sh"
+        return None
+
+    def host(self, name: str) -> str:
+        """A new namespace (loopback up); returns its name for `ip netns exec`."""
+        netns = f"{self.prefix}-{name}"
+        _ip("netns", "add", netns)
+        self.hosts[name] = netns
+        _ip("-n", netns, "link", "set", "lo", "up")
+        return netns
+
+    def link(self, name: str, a: str | None, b: str | None) -> Link:
+        """Join hosts `a` and `b` (names given to `host`; None: this process's namespace)."""
+        index = len(self.links) + 1
+        a_if, b_if = f"{self.prefix}{index}a", f"{self.prefix}{index}b"
+        a_addr, b_addr = f"10.{self.octet}.{index}.1", f"10.{self.octet}.{index}.2"
+        _ip("link", "add", a_if, "type", "veth", "peer", "name", b_if)
+        for host, interface, address in ((a, a_if, a_addr), (b, b_if, b_addr)):
+            if host is not None:
+                _ip("link", "set", interface, "netns", self.hosts[host])
+            ns = ["-n", self.hosts[host]] if host is not None else []
+            _ip(*ns, "addr", "add", f"{address}/30", "dev", interface)
+            _ip(*ns, "link", "set", interface, "up")
+        link = Link(name, a, b, a_if, b_if, a_addr, b_addr)
+        self.links[name] = link
+        return link
+
+    def set_link(self, name: str, up: bool) -> None:
+        """Take link `name` down (at its `a` end: the peer sees its carrier go, packets to it
+        are dropped, as when a cable is pulled on the far side of a switch) or back up."""
+        link = self.links[name]
+        ns = ["-n", self.hosts[link.a]] if link.a is not None else []
+        _ip(*ns, "link", "set", link.a_if, "up" if up else "down")
+
+    def close(self) -> None:
+        for netns in self.hosts.values():
+            _remove_netns(netns)
+        for link in self.links.values():  # ends in this namespace (gone with their peers)
+            if link.a is None or link.b is None:
+                for interface in (link.a_if, link.b_if):
+                    subprocess.run(["ip", "link", "del", interface], capture_output=True)
+        self.hosts.clear()
+        self.links.clear()
+
+
+def _remove_netns(netns: str) -> None:
+    """Kill what still runs in a namespace of ours (processes this run started), delete it."""
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True)
+    for pid in pids.stdout.split():
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid), signal.SIGKILL)
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True)

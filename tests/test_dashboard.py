@@ -296,9 +296,19 @@ def live(service_env, in_process_settings, tmp_path_factory) -> Iterator[Live]:
         processes.stop_all()
 
 
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The system Chromium the browser test drives (session scope: checked before `live`
+    starts any process)."""
+    path = "/usr/bin/chromium"
+    if not os.access(path, os.X_OK):
+        pytest.skip(f"Chromium is not installed ({path}): run scripts/install_test_deps.sh")
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.model
-def test_dashboard_in_a_browser(live: Live, in_process_settings) -> None:
+def test_dashboard_in_a_browser(chromium: str, live: Live, in_process_settings) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     tandem = live.submit("tandem")
@@ -309,7 +319,7 @@ def test_dashboard_in_a_browser(live: Live, in_process_settings) -> None:
     stages = live.http.get(f"/v1/jobs/{tandem}").json()["stages"]
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=BROWSER_ARGS)
+        browser = playwright.chromium.launch(executable_path=chromium, args=BROWSER_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             errors: list[str] = []

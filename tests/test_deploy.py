@@ -7,9 +7,9 @@ The overlays' values (k8s/overlays/*/values.yaml: node shapes, models, batch cap
 read too, to check that the pods fit the nodes they are sized for. A real PgBouncer (Debian's
 `pgbouncer`) runs the shipped pgbouncer.ini in front of the test Postgres.
 
-Skipped only when a tool is missing: kubectl (preinstalled here; scripts/deploy_check.sh
-installs one), kubernetes-validate and the docker compose CLI (deploy_check.sh installs them
-and runs the same validation), pgbouncer (`apt-get install pgbouncer`).
+Skipped only when a tool is missing: kubectl, the docker compose CLI and pgbouncer
+(scripts/install_test_deps.sh installs them; `make test` runs it), kubernetes-validate (a dev
+extra).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def _kubectl() -> str | None:
 def _kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
     kubectl = _kubectl()
     if kubectl is None:
-        pytest.skip("kubectl not found (scripts/deploy_check.sh installs it)")
+        pytest.skip("kubectl not found: run scripts/install_test_deps.sh")
     proc = subprocess.run(
         [kubectl, "kustomize", str(directory)],
         capture_output=True,
@@ -850,7 +850,7 @@ def _pgbouncer(admin_url: str, pool_size: int | None = None) -> Iterator[str]:
 
     binary = shutil.which("pgbouncer") or shutil.which("pgbouncer", path="/usr/sbin")
     if binary is None:
-        pytest.skip("pgbouncer not installed (apt-get install pgbouncer)")
+        pytest.skip("pgbouncer is not installed: run scripts/install_test_deps.sh (as root)")
     server = make_url(admin_url)
     directory = Path(tempfile.mkdtemp(prefix="tandem-pgbouncer-"))
     directory.chmod(0o755)  # pgbouncer refuses to run as root: it runs as nobody then
@@ -1295,7 +1295,7 @@ def _compose_cli() -> list[str] | None:
 def _compose_config(*files: Path, profiles: tuple[str, ...] = ()) -> dict[str, Any]:
     cli = _compose_cli()
     if cli is None:
-        pytest.skip("no docker compose CLI (scripts/deploy_check.sh installs one)")
+        pytest.skip("no docker compose CLI: run scripts/install_test_deps.sh")
     args = [*cli]
     for f in files:
         args += ["-f", str(f)]

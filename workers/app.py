@@ -18,6 +18,13 @@ def make_app() -> Celery:
     settings = get_settings()
     app = Celery("tandem", broker=settings.redis_url, include=["workers.tasks", "workers.webhooks"])
     app.conf.update(
+        # kombu's Redis transport, but a failed ack does not hold a prefetch slot forever
+        # (for redis:// and rediss:// URLs; others keep their own transport)
+        broker_transport=(
+            "workers.transport:Transport"
+            if settings.redis_url.startswith(("redis://", "rediss://"))
+            else None
+        ),
         task_queues=[Queue(name) for name in (*STAGE_QUEUES, WEBHOOK_QUEUE)],
         task_default_queue="executor",
         task_serializer="json",

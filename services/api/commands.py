@@ -42,7 +42,7 @@ def api(host: str | None, port: int | None, workers: int | None, threads: int | 
         "bind": f"{host or settings.api_host}:{port or settings.api_port}",
         "workers": workers or settings.api_workers,
         "threads": threads or settings.api_threads,
-        "worker_class": "gthread",
+        "worker_class": _problem_worker(),  # gthread, answering unparsable requests as problems
         "timeout": 60,
         "keepalive": 5,  # longer than a poller's usual pause, so it reuses its connection
         "graceful_timeout": 30,
@@ -50,6 +50,11 @@ def api(host: str | None, port: int | None, workers: int | None, threads: int | 
         "loglevel": "warning",
         "child_exit": mark_process_dead,
         "on_exit": lambda _server: remove_metrics_dir(metrics_dir),
+        # gunicorn's own limits (its defaults, stated): a request past them is answered by
+        # the worker below as problem+json (414, 431), not gunicorn's HTML page.
+        "limit_request_line": 8190,
+        "limit_request_fields": 100,
+        "limit_request_field_size": 8190,
     }
 
     class Server(BaseApplication):
@@ -61,6 +66,29 @@ def api(host: str | None, port: int | None, workers: int | None, threads: int | 
             return create_app(settings)
 
     Server().run()
+
+
+def _problem_worker() -> type:
+    """gunicorn's threaded worker, answering a request it cannot parse (a URL or headers
+    over the limits, a malformed request line) with an application/problem+json body."""
+    import contextlib
+
+    from gunicorn import util
+    from gunicorn.workers.gthread import ThreadWorker
+
+    from services.api.problems import unparsed_request_response
+
+    class ProblemWorker(ThreadWorker):
+        def handle_error(self, req, client, addr, exc) -> None:
+            response = unparsed_request_response(exc, self.cfg)
+            if response is None:
+                return super().handle_error(req, client, addr, exc)
+            self.log.warning("invalid request from %s: %s", (addr or ("?",))[0], exc)
+            with contextlib.suppress(OSError):
+                util.write_nonblock(client, response)
+            return None
+
+    return ProblemWorker
 
 
 @click.group(help="API keys.")

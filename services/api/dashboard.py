@@ -88,7 +88,7 @@ def overview() -> Response:
 
 
 def _hours(raw: str) -> int:
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_WINDOW_HOURS:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_WINDOW_HOURS:
         raise Problem(400, f"hours must be a whole number from 1 to {MAX_WINDOW_HOURS}")
     return int(raw)
 

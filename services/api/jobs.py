@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime
 from typing import Any
@@ -19,7 +18,13 @@ from services.api.formats import iso
 from services.api.limits import check_active_quota
 from services.api.problems import Problem
 from services.core.cost import totals
-from services.core.requests import InvalidRequest, parse_job_request
+from services.core.requests import (
+    InvalidJSON,
+    InvalidRequest,
+    parse_job_request,
+    read_json,
+    unstorable,
+)
 from services.storage import job_rows, stage_rows
 from services.storage.db import in_transaction, transaction
 from services.storage.models import Job
@@ -36,14 +41,14 @@ def settings():
 
 
 def json_body() -> Any:
+    """The request's JSON body, read like every client JSON (`read_json`): 400 when it is
+    not JSON; what it holds is validated by the caller (422 naming the field)."""
     if not request.is_json:
         raise Problem(415, "send a JSON body with 'Content-Type: application/json'")
     try:
-        return json.loads(request.get_data(cache=False) or b"")
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return read_json(request.get_data(cache=False) or b"")
+    except InvalidJSON as error:
         raise Problem(400, f"malformed JSON: {error}") from None
-    except RecursionError:
-        raise Problem(400, "malformed JSON: nested too deeply") from None
 
 
 def job_json(job: Job, with_stages: bool = True) -> dict[str, Any]:
@@ -102,6 +107,8 @@ def idempotency_key() -> str | None:
     key = request.headers.get("Idempotency-Key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY:
         raise Problem(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters")
+    if key is not None and (problem := unstorable(key)):
+        raise Problem(422, f"Idempotency-Key: {problem}")
     return key
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import Select, and_, or_
 from sqlalchemy.orm import Session
 
 from services.api.problems import Problem
+from services.core.requests import unstorable
 
 MAX_PAGE = 200
 
@@ -65,6 +66,8 @@ def _encode_cursor(row: Any) -> str:
 def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         created, row_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(created), str(row_id)
+        if not isinstance(row_id, str) or unstorable(row_id):  # it goes into a SQL parameter
+            raise ValueError(row_id)
+        return datetime.fromisoformat(created), row_id
     except (ValueError, TypeError, binascii.Error, UnicodeError):
         raise Problem(400, "cursor is not one this API returned") from None

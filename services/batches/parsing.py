@@ -1,5 +1,10 @@
 """Reading a batch upload: its batch-wide defaults and its lines, each validated like a
-single job (`parse_job_request`), without holding the upload in memory."""
+single job (`parse_job_request`), without holding the upload in memory.
+
+A line is read with the same JSON reader as a REST body (`read_json`), and whatever is wrong
+with it (not JSON, unstorable text in any field, a wrong type) fails that line alone, with
+a message naming the field. Nothing a line holds is echoed into the stored list of invalid
+lines unescaped (`LineError.to_dict`), so that list itself is always storable."""
 
 from __future__ import annotations
 
@@ -10,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from services.core.params import JobParams
-from services.core.requests import InvalidRequest, JobRequest, parse_job_request
+from services.core.requests import (
+    InvalidJSON,
+    InvalidRequest,
+    JobRequest,
+    escape_unstorable,
+    parse_job_request,
+    read_json,
+    unstorable,
+)
 from services.storage.job_rows import stored_params
 
 LINE_FIELDS = frozenset({"custom_id", "question", "strategy", "params"})
@@ -71,7 +84,13 @@ class LineError:
     code: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        found = {"line": self.line, "custom_id": self.custom_id, "error": self.error}
+        found = {
+            "line": self.line,
+            # As stored in the batch's JSON (escaped: Postgres JSON holds no NUL, nor a lone
+            # surrogate, even as a \\u escape).
+            "custom_id": None if self.custom_id is None else escape_unstorable(self.custom_id),
+            "error": escape_unstorable(self.error),
+        }
         if self.param is not None:
             found["param"] = self.param
         if self.code is not None:
@@ -91,11 +110,9 @@ def parse_defaults(strategy: str | None, params_json: str | None, max_chars: int
     params: Any = {}
     if params_json:
         try:
-            params = json.loads(params_json)
-        except json.JSONDecodeError as error:
-            raise InvalidRequest(f"params is not valid JSON: {error.msg}") from None
-        except (ValueError, RecursionError):  # a number too long, nesting too deep
-            raise InvalidRequest("params is not valid JSON: number too long or too deep") from None
+            params = read_json(params_json)
+        except InvalidJSON as error:
+            raise InvalidRequest(f"params is not valid JSON: {error}") from None
         if not isinstance(params, dict):
             raise InvalidRequest("params must be a JSON object")
     strategy = strategy or "tandem"
@@ -158,13 +175,11 @@ def decode_line(
     if not stripped:
         return None
     try:
-        data = json.loads(stripped.decode())
+        data = read_json(stripped.decode())
     except UnicodeDecodeError:
         return LineError(number, None, "line is not valid UTF-8")
-    except json.JSONDecodeError as error:
-        return LineError(number, None, f"not valid JSON: {error.msg} (column {error.colno})")
-    except (ValueError, RecursionError):  # a number too long, nesting too deep
-        return LineError(number, None, "not valid JSON: too long a number or too deep nesting")
+    except InvalidJSON as error:
+        return LineError(number, None, f"not valid JSON: {error}")
     if not isinstance(data, dict):
         return LineError(number, None, "a line must be a JSON object")
     return data
@@ -179,9 +194,11 @@ def _line_request(
         return LineError(
             number, shown, f"custom_id must be a string of 1 to {MAX_CUSTOM_ID} characters"
         )
+    if problem := unstorable(custom_id):
+        return LineError(number, None, f"custom_id: {problem}")
     if not LINE_FIELDS.issuperset(data):
         unknown = data.keys() - LINE_FIELDS
-        return LineError(number, custom_id, f"unknown field(s): {', '.join(sorted(unknown))}")
+        return LineError(number, custom_id, clip(f"unknown field(s): {', '.join(sorted(unknown))}"))
     params = data.get("params")
     if params is not None and not isinstance(params, dict):
         return LineError(number, custom_id, "params must be a JSON object")
@@ -195,8 +212,6 @@ def _line_request(
         request = parse_job_request(fields, max_chars)
     except InvalidRequest as error:
         return LineError(number, custom_id, clip(str(error)))
-    if "\x00" in request.question or "\x00" in custom_id:
-        return LineError(number, custom_id, "question and custom_id may not contain NUL")
     return ParsedLine(number, custom_id, request, _params_json(request.params, defaults))
 
 

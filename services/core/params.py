@@ -1,6 +1,10 @@
 """A job's parameters (budgets, operating point, sampling, per-strategy knobs), validated
 in one place. `services.core.requests` wraps them with the question and the strategy name
-into the `JobRequest` that the CLI, the REST API and batch lines all build."""
+into the `JobRequest` that the CLI, the REST API and batch lines all build.
+
+Types are strict: an integer parameter takes only a JSON integer (not true, 5.0 or "5"), a
+number parameter an integer or a finite number (not a boolean or a string), so what a
+client sends is what the job runs with."""
 
 from __future__ import annotations
 
@@ -16,39 +20,41 @@ MAX_STAGES = 8
 MAX_TOKENS_LIMIT = 32768
 
 
-TokenCount = Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
+Int = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]  # strict floats still take integers
+TokenCount = Annotated[Int, Field(ge=1, le=MAX_TOKENS_LIMIT)]
 
 
 class JobParams(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    budgets: tuple[Annotated[int, Field(ge=0, le=MAX_TOKENS_LIMIT)], ...] = (0, 100, 500, 1000)
+    budgets: tuple[Annotated[Int, Field(ge=0, le=MAX_TOKENS_LIMIT)], ...] = (0, 100, 500, 1000)
     cost_preference: (
-        Literal["quality", "balanced", "economy"] | Annotated[float, Field(ge=0, le=1e6)]
+        Literal["quality", "balanced", "economy"] | Annotated[Number, Field(ge=0, le=1e6)]
     ) = "balanced"
     policy: Literal["entropy", "trained"] | None = None  # None: trained if configured
     executor_max_tokens: TokenCount = 512
     llm_max_tokens: TokenCount = 1024
-    temperature: Annotated[float, Field(ge=0, le=2)] = 0.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    temperature: Annotated[Number, Field(ge=0, le=2)] = 0.0
+    top_p: Annotated[Number, Field(gt=0, le=1)] = 1.0
     # Engines take an unsigned 32-bit seed (SCoT adds the draft index to it).
-    seed: Annotated[int, Field(ge=0, le=2**32 - 9)] | None = None
+    seed: Annotated[Int, Field(ge=0, le=2**32 - 9)] | None = None
     # scot
     # At most 8 drafts: the selection reads one token, so the choices 1..drafts+1 must be
     # single digits.
-    drafts: Annotated[int, Field(ge=1, le=8)] = 5
+    drafts: Annotated[Int, Field(ge=1, le=8)] = 5
     draft_max_tokens: TokenCount = 512
     # relay
     relay_mode: Literal["command", "entropy"] = "entropy"  # entropy: training-free trigger
     relay_budget: TokenCount = 1024
-    relay_turns: Annotated[int, Field(ge=1, le=64)] = 5
+    relay_turns: Annotated[Int, Field(ge=1, le=64)] = 5
     relay_call_tokens: TokenCount = 16
-    relay_entropy_threshold: Annotated[float, Field(gt=0, le=20)] = 2.5
+    relay_entropy_threshold: Annotated[Number, Field(gt=0, le=20)] = 2.5
     # What kind of answer the job wants (services/core/tasks.py): `math` (a \boxed{} answer),
     # `code` (one Python function; `entry_point` names it, else the question's last `def`)
     # or `text` (free-form: the final text is the answer).
     task: Literal["math", "code", "text"] = "math"
-    entry_point: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    entry_point: Annotated[str, Field(strict=True, min_length=1, max_length=200)] | None = None
 
     @field_validator("budgets")
     @classmethod

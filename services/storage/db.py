@@ -35,7 +35,19 @@ def _create(url: str) -> Engine:
     from services.settings import get_settings
 
     settings = get_settings()
-    connect_args: dict[str, object] = {"connect_timeout": 3}
+    connect_args: dict[str, object] = {
+        "connect_timeout": 3,
+        # A network that goes silent (a cut link, no reset) must fail a statement in seconds,
+        # not hang it until TCP gives up (minutes): data unacknowledged for 2 s closes the
+        # connection (so the pool's ping fails and the API answers 503 at once), and
+        # keepalives end a connection still waiting on an unreachable server
+        # (tests/test_netns_faults.py).
+        "tcp_user_timeout": 2000,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+    }
     if settings.db_pooler == "pgbouncer":
         # Transaction pooling: the next transaction may run on another server connection,
         # where a statement psycopg prepared on the last one does not exist.
