@@ -9,6 +9,9 @@ Metric names (the Grafana dashboard in dashboards/grafana.json is built on them)
 - tandem_stage_retries_total{queue}           counter, redeliveries after an error
 - tandem_reconciler_requeued_total            counter, jobs re-enqueued by the reconciler
 - tandem_stage_wasted_total{reason}           counter, stages that ran but were not recorded
+- tandem_stage_queued_seconds{kind}           histogram, a stage's message granted -> started
+- tandem_job_seconds{strategy,status}         histogram, a job submitted -> ended (observed by
+                                              the worker that ends it)
 - tandem_stages_in_flight{queue}              gauge, stages running in this worker process
 - tandem_http_request_seconds{method,endpoint,status}   histogram (API)
 
@@ -46,6 +49,18 @@ WASTED = Counter(
     "tandem_stage_wasted_total",
     "Stage executions that ran but were not recorded (a lost lease, a cancel, a finished job)",
     ["reason"],
+)
+STAGE_QUEUED = Histogram(
+    "tandem_stage_queued_seconds",
+    "Time a stage waited between being granted (its message sent) and starting on a worker",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+JOB_SECONDS = Histogram(
+    "tandem_job_seconds",
+    "Job latency from submission to its end",
+    ["strategy", "status"],
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400, 86400),
 )
 IN_FLIGHT = Gauge("tandem_stages_in_flight", "Stages running in this worker process", ["queue"])
 HTTP_SECONDS = Histogram(

@@ -254,16 +254,16 @@ def test_parallel_drafts_finishing_together_publish_the_next_step(
     assert [task.seq for task in drafts] == [0, 1]
     holder_in = threading.Event()
     release = threading.Event()
-    real = stage_rows.add_stage
+    real = stage_rows.record_and_advance
 
-    def paused(session, job_id, record, created_at=None):  # type: ignore[no-untyped-def]
-        inserted = real(session, job_id, record, created_at)
+    def paused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        inserted = real(*args, **kwargs)
         if threading.current_thread().name == "holder":
             holder_in.set()
             assert release.wait(30)
         return inserted
 
-    monkeypatch.setattr(stage_rows, "add_stage", paused)
+    monkeypatch.setattr(stage_rows, "record_and_advance", paused)
     holder = threading.Thread(target=lambda: deliver(context, drafts[0]), name="holder")
     holder.start()
     assert holder_in.wait(60)
@@ -294,8 +294,8 @@ def test_a_discarded_recording_publishes_nothing_that_runs(
             raise error
         return real(*args, **kwargs)
 
-    real = stage_rows.add_stage
-    monkeypatch.setattr(stage_rows, "add_stage", fail_once)
+    real = stage_rows.record_and_advance
+    monkeypatch.setattr(stage_rows, "record_and_advance", fail_once)
     before = wasted("recording failed")
     with pytest.raises(jobs.RetryStage) as failed:
         deliver(context, first)
@@ -340,7 +340,7 @@ def test_a_recording_survives_a_database_blip(
     settings = in_process_settings
     [first] = submit(settings)
     failures = iter([_disconnect(), _disconnect()])
-    real = stage_rows.add_stage
+    real = stage_rows.record_and_advance
 
     def blip(*args, **kwargs):  # type: ignore[no-untyped-def]
         error = next(failures, None)
@@ -348,7 +348,7 @@ def test_a_recording_survives_a_database_blip(
             raise error
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stage_rows, "add_stage", blip)
+    monkeypatch.setattr(stage_rows, "record_and_advance", blip)
     deliver(context, first)
     assert stage_seqs(settings, first.job_id) == [0]
     assert calls.count[(first.job_id, 0)] == 1  # recorded on a retry, not run again
@@ -369,7 +369,7 @@ def test_a_retry_starts_at_once_even_if_its_lease_could_not_be_released(
 
     with monkeypatch.context() as patch:  # Postgres away for longer than the retries
         patch.setattr(record_module, "RECORD_RETRY_S", 0.3)
-        patch.setattr(stage_rows, "add_stage", down)
+        patch.setattr(stage_rows, "record_and_advance", down)
         patch.setattr(stage_module, "soft_transaction", down)
         with pytest.raises(jobs.RetryStage) as failed:
             deliver(context, first)

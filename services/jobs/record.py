@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import func
 from sqlalchemy.exc import DBAPIError
 
 from services.core.steps import StageRecord
@@ -53,6 +52,8 @@ class Recorded:
     reason: str = ""
     unpublished: list[StageTask] = field(default_factory=list)
     finished: JobStatus | None = None  # the job's status, if this stage ended it
+    strategy: str = ""
+    job_seconds: float = 0.0  # submitted -> ended, when this stage ended the job
 
 
 def record(
@@ -111,17 +112,19 @@ def _record_once(
             job_rows.mark_failed(session, view.id, str(poison))
             return Recorded(False, "poison job", finished=JobStatus.FAILED)
         unpublished = tasks if enqueue is None else _publish_early(enqueue, tasks, view.id)
+        leases = leases_to_json(view.leases)
+        if not cancelled and not isinstance(progress, Finished):
+            if not stage_rows.record_and_advance(session, view.id, record, finished_at, leases):
+                raise RuntimeError(f"stage {started.seq} of {view.id} recorded twice under a lease")
+            return Recorded(True, unpublished=unpublished)
         if not stage_rows.add_stage(session, view.id, record, created_at=finished_at):
             raise RuntimeError(f"stage {started.seq} of {view.id} recorded twice under a lease")
-        values = {"leases": leases_to_json(view.leases)}
+        ended = {"strategy": view.request.strategy, "job_seconds": view.now - view.created}
         if cancelled:
-            job_rows.mark_cancelled(session, view.id, **values)
-            return Recorded(True, finished=JobStatus.CANCELLED)
-        if isinstance(progress, Finished):
-            job_rows.mark_succeeded(session, view.id, progress.outcome, **values)
-            return Recorded(True, finished=JobStatus.SUCCEEDED)
-        job_rows.set_values(session, view.id, updated_at=func.now(), **values)
-        return Recorded(True, unpublished=unpublished)
+            job_rows.mark_cancelled(session, view.id, leases=leases)
+            return Recorded(True, finished=JobStatus.CANCELLED, **ended)
+        job_rows.mark_succeeded(session, view.id, progress.outcome, leases=leases)
+        return Recorded(True, finished=JobStatus.SUCCEEDED, **ended)
 
 
 def _publish_early(enqueue: Enqueue, tasks: list[StageTask], job_id: str) -> list[StageTask]:

@@ -31,7 +31,7 @@ from services.jobs.messages import Grant, StageTask
 from services.jobs.record import Enqueue, record
 from services.jobs.start import Started, start
 from services.jobs.view import lock
-from services.observability import WASTED, observe_stage
+from services.observability import JOB_SECONDS, STAGE_QUEUED, WASTED, observe_stage
 from services.settings import Settings
 from services.storage import job_rows
 from services.storage.db import soft_transaction, transaction
@@ -71,6 +71,8 @@ def run_stage(
     )
     if started is None:
         return []
+    if started.queued_s is not None:
+        STAGE_QUEUED.labels(started.step.kind).observe(max(0.0, started.queued_s))
     request_id = f"{job_id}:{seq}:{started.holder[:8]}"
     backend_role = started.step.role
 
@@ -114,6 +116,8 @@ def run_stage(
     if not result.kept:
         return _wasted(started, result.reason)
     observe_stage(done)
+    if result.finished is not None:
+        JOB_SECONDS.labels(result.strategy, result.finished).observe(result.job_seconds)
     log.info("stage recorded", extra={"job_id": job_id, "seq": seq, "stage": done.kind})
     return result.unpublished
 

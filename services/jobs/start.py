@@ -25,7 +25,7 @@ from services.jobs.leases import granted, leases_to_json, new_token
 from services.jobs.messages import Grant
 from services.jobs.view import JobView, PoisonJob, lock
 from services.storage import job_rows
-from services.storage.db import soft_transaction
+from services.storage.db import soft_transaction, transaction
 from services.storage.statuses import JobStatus
 
 log = logging.getLogger("tandem.jobs")
@@ -42,6 +42,7 @@ class Started:
     token: str  # the lease's
     holder: str
     attempt: int
+    queued_s: float | None = None  # since its message was sent (database clock)
 
 
 def start(
@@ -67,7 +68,7 @@ def _start_granted(
     url: str, job_id: str, seq: int, grant: Grant, deadline_s: float, max_attempts: int
 ) -> Started | None:
     holder = new_token()
-    with soft_transaction(url) as session:
+    with transaction(url) as session:  # the statement commits without waiting for the disk
         row = job_rows.take_lease(
             session, job_id, seq, grant.token, holder, grant.retry_of, deadline_s, max_attempts
         )
@@ -78,7 +79,7 @@ def _start_granted(
         except ValueError:  # a job that cannot be driven: undo, and let the checks fail it
             session.rollback()
             return None
-    return Started(job_id, seq, grant.step, params, grant.token, holder, row.attempt)
+    return Started(job_id, seq, grant.step, params, grant.token, holder, row.attempt, row.queued_s)
 
 
 @lru_cache(maxsize=1024)

@@ -40,6 +40,7 @@ class JobView:
     request: JobRequest | None  # None for a poison job (see `poison`)
     records: dict[int, StageRecord] = field(default_factory=dict)
     now: float = 0.0  # the database's clock when the lock was taken (epoch seconds)
+    created: float = 0.0  # when the job was submitted (database clock, epoch seconds)
     poison: str | None = None  # why the stored request is unusable
 
     @property
@@ -65,7 +66,13 @@ class JobView:
 def lock(session: Session, job_id: str, with_records: bool = True) -> JobView | None:
     """Lock the job's row and read it (and its records): the start of every stage
     transaction. None for a missing job."""
-    row = job_rows.lock(session, job_id)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    if with_records and postgres:
+        row = job_rows.lock_with_records(session, job_id)  # one round trip
+        records = stage_rows.records_from_json(row.records) if row is not None else {}
+    else:
+        row = job_rows.lock(session, job_id)
+        records = stage_rows.load_records(session, job_id) if with_records and row else {}
     if row is None:
         return None
     request, poison = None, None
@@ -81,8 +88,9 @@ def lock(session: Session, job_id: str, with_records: bool = True) -> JobView | 
         error=row.error,
         batch_id=row.batch_id,
         request=request,
-        records=stage_rows.load_records(session, job_id) if with_records else {},
+        records=records,
         now=float(row.now),
+        created=float(row.created or 0.0),
         poison=poison,
     )
 

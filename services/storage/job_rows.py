@@ -68,9 +68,20 @@ def lock(session: Session, job_id: str) -> Any | None:
     """Lock a job's row (FOR UPDATE) and read what a stage transaction decides from, with
     the database's clock (`now`, epoch seconds): one round trip. None for a missing job."""
     columns = [JOBS.c[name] for name in _LOCKED_COLUMNS]
+    created = func.extract("epoch", JOBS.c.created_at).label("created")
     now = func.extract("epoch", func.clock_timestamp()).label("now")
-    query = select(*columns, now).where(JOBS.c.id == job_id).with_for_update()
+    query = select(*columns, created, now).where(JOBS.c.id == job_id).with_for_update()
     return session.execute(query).first()
+
+
+def lock_with_records(session: Session, job_id: str) -> Any | None:
+    """`lock` plus the job's stage records (a JSON list, by seq), in one round trip: the
+    records are read by a second statement inside `tandem_lock_job` (migration 0007), so
+    they include everything committed before the lock was granted."""
+    return session.execute(_LOCK_WITH_RECORDS, {"id": job_id}).first()
+
+
+_LOCK_WITH_RECORDS = text("SELECT * FROM tandem_lock_job(:id)")
 
 
 _LOCKED_COLUMNS = (
@@ -118,6 +129,11 @@ def take_lease(
 
 _TAKE_LEASE = text(
     """
+    WITH asynchronous AS (
+        -- SET LOCAL synchronous_commit = off, in this round trip: a start a crash loses is
+        -- taken again (see services.storage.db.soft_transaction)
+        SELECT set_config('synchronous_commit', 'off', true) AS done
+    )
     UPDATE jobs
     SET leases = jsonb_set(
             leases,
@@ -143,7 +159,10 @@ _TAKE_LEASE = text(
              <= extract(epoch FROM clock_timestamp())
           OR leases -> CAST(:seq AS text) ->> 'holder' = CAST(:retry_of AS text)
       )
-    RETURNING params, strategy, (leases -> CAST(:seq AS text) ->> 'attempts')::int AS attempt
+      AND (SELECT done FROM asynchronous) IS NOT NULL
+    RETURNING params, strategy, (leases -> CAST(:seq AS text) ->> 'attempts')::int AS attempt,
+        extract(epoch FROM clock_timestamp())
+            - (leases -> CAST(:seq AS text) ->> 'granted_at')::float8 AS queued_s
     """
 )
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -43,6 +45,12 @@ def load_records(session: Session, job_id: str) -> dict[int, StageRecord]:
     return {row.seq: StageRecord(**row._asdict()) for row in rows}
 
 
+def records_from_json(rows: list[dict[str, Any]]) -> dict[int, StageRecord]:
+    """Records as `tandem_lock_job` returns them (a JSON object per stage row)."""
+    fields = ("seq", *RECORD_FIELDS)
+    return {row["seq"]: StageRecord(**{name: row[name] for name in fields}) for row in rows}
+
+
 def add_stage(
     session: Session, job_id: str, record: StageRecord, created_at: datetime | None = None
 ) -> bool:
@@ -59,3 +67,45 @@ def add_stage(
         .returning(stages.c.id)
     )
     return session.execute(statement).first() is not None
+
+
+def record_and_advance(
+    session: Session,
+    job_id: str,
+    record: StageRecord,
+    created_at: datetime,
+    leases: dict[str, Any],
+) -> bool:
+    """Insert the record and write the job's new leases in one statement (a stage that does
+    not end its job: the hot path of a queue hop). Its transaction commits without waiting
+    for the disk: a Postgres crash may lose the last such records, and their stages then run
+    again (their leases were lost with them); a job's outcome always commits durably. Returns
+    False if (job, seq) already had a record (nothing is written then)."""
+    values = {name: getattr(record, name) for name in RECORD_FIELDS}
+    values["output"] = json.dumps(values["output"])
+    params = {**values, "job_id": job_id, "seq": record.seq, "created_at": created_at}
+    params["leases"] = json.dumps(leases)
+    return session.execute(_RECORD_AND_ADVANCE, params).first() is not None
+
+
+_RECORD_AND_ADVANCE = text(
+    """
+    WITH recorded AS (
+        INSERT INTO stages (job_id, seq, kind, role, model, prompt_tokens,
+            cached_prompt_tokens, generated_tokens, tflops, prefill_tflops, latency_s, note,
+            output, attempt, created_at)
+        VALUES (:job_id, :seq, :kind, :role, :model, :prompt_tokens, :cached_prompt_tokens,
+            :generated_tokens, :tflops, :prefill_tflops, :latency_s, :note,
+            CAST(:output AS jsonb), :attempt, :created_at)
+        ON CONFLICT (job_id, seq) DO NOTHING
+        RETURNING id
+    ), asynchronous AS (
+        -- SET LOCAL synchronous_commit = off, in this round trip (see the docstring)
+        SELECT set_config('synchronous_commit', 'off', true) AS done
+    )
+    UPDATE jobs SET leases = CAST(:leases AS jsonb), updated_at = now()
+    WHERE id = :job_id AND EXISTS (SELECT 1 FROM recorded)
+      AND (SELECT done FROM asynchronous) IS NOT NULL
+    RETURNING id
+    """
+)
