@@ -18,7 +18,7 @@
 # suite (scripts/install_test_deps.sh, sourced): kubectl with kustomize >= v5, the docker compose
 # CLI, pgbouncer (best effort: its tests in tests/test_deploy.py skip without it). Its own:
 #   kubernetes-validate (+ jsonschema, PyYAML): pip, into $PYTHON (default: .venv/bin/python);
-#   checkov at the version pinned in pyproject.toml's dev extras: the one in $PYTHON when it
+#   checkov at the version pinned in pyproject.toml's deploy extras: the one in $PYTHON when it
 #     is that version, else its own virtualenv under $TANDEM_TOOLS_DIR (checkov pins many
 #     libraries; its own environment keeps them away from the project's).
 # Downloaded binaries go to $TANDEM_TOOLS_DIR (default ~/.cache/tandem-deploy-tools/bin).
@@ -49,14 +49,14 @@ CHECKOV=()
 checkov_version() {
   "$PY" - "$ROOT/pyproject.toml" << 'EOF'
 import re, sys, tomllib
-dev = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["dev"]
-print(next(re.sub(r"^checkov==", "", d) for d in dev if d.startswith("checkov==")))
+extra = tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["deploy"]
+print(next(re.sub(r"^checkov==", "", d) for d in extra if d.startswith("checkov==")))
 EOF
 }
 
 ensure_checkov() {
   local version venv
-  version="$(checkov_version)" || die "no checkov==VERSION in pyproject.toml's dev extras"
+  version="$(checkov_version)" || die "no checkov==VERSION in pyproject.toml's deploy extras"
   if [[ "$("$PY" -m checkov.main --version 2> /dev/null)" == "$version" ]]; then
     CHECKOV=("$PY" -m checkov.main)
     return 0
