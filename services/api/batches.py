@@ -420,12 +420,7 @@ add_paths(
                 "summary": "List batches, newest first",
                 "parameters": [
                     {"name": "status", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
-                    },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    *pages.OPENAPI_PARAMETERS,
                 ],
                 "responses": {
                     "200": {

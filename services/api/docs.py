@@ -12,6 +12,7 @@ from typing import Any
 
 from flask import Blueprint, Response, abort, jsonify, send_from_directory
 
+from services.api import pages
 from services.core.params import MAX_STAGES
 from services.core.requests import JobRequest
 from services.core.strategies import STRATEGIES
@@ -246,12 +247,7 @@ add_paths(
                     {"name": "status", "in": "query", "schema": {"type": "string"}},
                     {"name": "strategy", "in": "query", "schema": {"type": "string"}},
                     {"name": "batch_id", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
-                    },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    *pages.OPENAPI_PARAMETERS,
                 ],
                 "responses": {
                     "200": {

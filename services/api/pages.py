@@ -17,6 +17,11 @@ from services.api.problems import Problem
 from services.core.requests import unstorable
 
 MAX_PAGE = 200
+# The query parameters of every cursor-paged list, as the OpenAPI document states them.
+OPENAPI_PARAMETERS = [
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+]
 
 
 def check_query(args: Mapping[str, str], allowed: Iterable[str]) -> None:

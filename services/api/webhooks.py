@@ -205,12 +205,7 @@ add_paths(
                         "in": "query",
                         "schema": {"type": "string", "enum": list(DELIVERY_STATUSES)},
                     },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
-                    },
-                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                    *pages.OPENAPI_PARAMETERS,
                 ],
                 "responses": {"200": {"description": "a page of deliveries"}, **ERRORS},
             }

@@ -55,6 +55,31 @@ def read(path: Path, *, skip_bad: bool = False) -> Iterator[tuple[int, Any]]:
             yield number, record
 
 
+class BadObject(ValueError):
+    """A dataset line that is not a JSON object; the message names `path:line`."""
+
+
+def objects(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(`path:line`, record) for every non-blank line of a dataset file, each a JSON object
+    (a last line without a newline counts: datasets are not appended to). Raises OSError,
+    or BadObject for a line that is not UTF-8, not JSON, or not an object."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{number}"
+                try:
+                    record = json.loads(line)
+                except ValueError as error:
+                    raise BadObject(f"{where}: not valid JSON ({error})") from None
+                if not isinstance(record, dict):
+                    raise BadObject(f"{where}: a line must be a JSON object")
+                yield where, record
+    except UnicodeDecodeError as error:
+        raise BadObject(f"{path}: not UTF-8 text ({error.reason})") from None
+
+
 def repair(path: Path) -> int:
     """Cut a torn last line off a regular file; returns the number of bytes cut."""
     if not path.is_file():

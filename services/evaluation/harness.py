@@ -71,32 +71,26 @@ def load_questions(path: Path, limit: int | None = None) -> list[Question]:
     file order. The first line decides the format; a file mixing them is refused."""
     questions: list[Question] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        for where, record in jsonl.objects(path):
+            if not questions and _is_humaneval(record):
+                return _code_questions(path, limit)
+            if limit is not None and len(questions) >= limit:
+                break
+            questions.append(_question(where, record, len(questions)))
     except OSError as error:
         raise EvaluationError(f"cannot read dataset {path}: {error.strerror}") from None
-    if _is_humaneval(next((line for line in lines if line.strip()), "")):
-        return _code_questions(path, limit)
-    for number, line in enumerate(lines, start=1):
-        if limit is not None and len(questions) >= limit:
-            break
-        if line.strip():
-            questions.append(_question(path, number, line, len(questions)))
+    except jsonl.BadObject as error:
+        raise EvaluationError(str(error)) from None
     if not questions:
         raise EvaluationError(f"dataset {path} has no questions")
     return questions
 
 
-def _question(path: Path, number: int, line: str, index: int) -> Question:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise EvaluationError(f"{path}:{number}: not JSON ({error.msg})") from None
-    if not isinstance(record, dict):
-        raise EvaluationError(f"{path}:{number}: expected a JSON object")
+def _question(where: str, record: dict[str, Any], index: int) -> Question:
     text = record.get("question") or record.get("problem")
     if not isinstance(text, str) or not text.strip() or "answer" not in record:
         raise EvaluationError(
-            f"{path}:{number}: needs 'question' (or 'problem') and 'answer' (or, for code, "
+            f"{where}: needs 'question' (or 'problem') and 'answer' (or, for code, "
             f"HumanEval's {', '.join(HUMANEVAL_FIELDS)})"
         )
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
@@ -107,12 +101,8 @@ def _question(path: Path, number: int, line: str, index: int) -> Question:
     )
 
 
-def _is_humaneval(line: str) -> bool:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(record, dict) and all(name in record for name in HUMANEVAL_FIELDS)
+def _is_humaneval(record: dict[str, Any]) -> bool:
+    return all(name in record for name in HUMANEVAL_FIELDS)
 
 
 def _code_questions(path: Path, limit: int | None) -> list[Question]:

@@ -37,7 +37,6 @@ and yields the grades in input order.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
 from collections import deque
@@ -47,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.core import jsonl
 from services.core.answers import extract_code
 from services.grading.sandbox import Sandbox, SandboxLimits, SandboxResult, Verdict
 
@@ -156,20 +156,9 @@ def load_solutions(path: str | Path) -> list[Solution]:
 
 def _records(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{number}"
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DatasetError(f"{where}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict):
-                    raise DatasetError(f"{where}: a line must be a JSON object")
-                yield where, record
-    except UnicodeDecodeError as error:
-        raise DatasetError(f"{path}: not UTF-8 text ({error.reason})") from None
+        yield from jsonl.objects(path)
+    except jsonl.BadObject as error:
+        raise DatasetError(str(error)) from None
 
 
 # ---------------------------------------------------------------- programs

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from flask import Blueprint, Response, current_app, jsonify, request
+from sqlalchemy.orm import Session
 from werkzeug.http import parse_options_header
 from werkzeug.sansio.multipart import Data, Epilogue, Field, File, MultipartDecoder, NeedData
 
@@ -198,13 +199,19 @@ def _limit(raw: str | None) -> int:
     return int(raw)
 
 
+def _owned(session: Session, file_id: str, owner: str) -> StoredFile:
+    """The owner's file, or the OpenAI 404 (another owner's file looks like a missing one)."""
+    file = file_rows.owned(session, file_id, owner)
+    if file is None:
+        raise not_found(file_id)
+    return file
+
+
 @bp.get("/files/<file_id>")
 def get_file(file_id: str) -> Response:
     owner = authenticate()
     with transaction(settings().database_url) as session:
-        file = file_rows.owned(session, file_id, owner)
-        if file is None:
-            raise not_found(file_id)
+        file = _owned(session, file_id, owner)
         return jsonify(file_json(file))
 
 
@@ -213,9 +220,7 @@ def file_content(file_id: str) -> Response:
     owner = authenticate()
     url = settings().database_url
     with transaction(url) as session:
-        file = file_rows.owned(session, file_id, owner)
-        if file is None:
-            raise not_found(file_id)
+        file = _owned(session, file_id, owner)
         size, name, stored_id = file.bytes, file.filename, file.id
 
     def chunks() -> Iterator[bytes]:
@@ -237,8 +242,6 @@ def file_content(file_id: str) -> Response:
 def delete_file(file_id: str) -> Response:
     owner = authenticate()
     with transaction(settings().database_url) as session:
-        file = file_rows.owned(session, file_id, owner)
-        if file is None:
-            raise not_found(file_id)
+        file = _owned(session, file_id, owner)
         file_rows.remove(session, file.id)
     return jsonify(FileDeleted(id=file_id, deleted=True).model_dump(mode="json"))
