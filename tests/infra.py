@@ -180,24 +180,31 @@ def scratch_database(admin_url: str) -> Iterator[str]:
 
 
 def end_unfinished_work(database_url: str, redis_url: str | None) -> None:
-    """Cancel every unfinished job and batch, and drop the stage queues' messages."""
+    """Cancel every unfinished job and batch, and drop the stage queues' messages.
+
+    The services may still be running (a feeder filling a batch, a worker recording), so
+    each statement commits on its own and one that loses a deadlock to them is retried."""
     import redis
     from sqlalchemy import create_engine, text
+    from sqlalchemy.exc import OperationalError
 
+    statements = (
+        "UPDATE batches SET status = 'cancelled' "
+        "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')",
+        "UPDATE jobs SET status = 'cancelled', cancel_requested = true "
+        "WHERE status IN ('queued', 'running')",
+    )
     engine = create_engine(database_url)
-    with engine.begin() as connection:
-        connection.execute(
-            text(
-                "UPDATE jobs SET status = 'cancelled', cancel_requested = true "
-                "WHERE status IN ('queued', 'running')"
-            )
-        )
-        connection.execute(
-            text(
-                "UPDATE batches SET status = 'cancelled' "
-                "WHERE status IN ('validating', 'in_progress', 'finalizing', 'cancelling')"
-            )
-        )
+    for statement in statements:
+        for attempt in range(1, 6):
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(statement))
+                break
+            except OperationalError as error:
+                if "deadlock detected" not in str(error) or attempt == 5:
+                    raise
+                time.sleep(0.05 * attempt)
     engine.dispose()
     if redis_url:
         from services.queues import STAGE_QUEUES
