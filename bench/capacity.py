@@ -80,7 +80,7 @@ class Run:
     peak_connections: int = 0
     stops: Counter | None = None
     latencies: list[float] | None = None  # each job, submit to finish (stack)
-    reclaimed: int = 0  # jobs that needed a full claim again (redelivery or reconciler)
+    reclaimed: int = 0  # jobs with a stage recorded on a second start (redelivery, reconciler)
     requests: int = 0  # model requests the simulators served
 
     @property
@@ -210,7 +210,7 @@ def stack_outcome(db_url: str, ids: list[str], run: Run) -> None:
         ).scalar_one()
         rows = connection.execute(
             text(
-                "SELECT status, summary, attempts, "
+                "SELECT status, summary, "
                 "extract(epoch FROM finished_at - created_at) FROM jobs WHERE id = ANY(:ids)"
             ),
             {"ids": ids},
@@ -223,22 +223,24 @@ def stack_outcome(db_url: str, ids: list[str], run: Run) -> None:
         )
         for _, summary, *_ in rows
     )
-    run.reclaimed = sum(1 for _, _, attempts, _ in rows if attempts > 1)
     run.latencies = sorted(float(latency or 0) for *_, latency in rows)
-    with engine.connect() as connection:  # where the re-claimed jobs lost their time
-        slow = connection.execute(
+    with engine.connect() as connection:  # the jobs whose stage had to start again
+        again = connection.execute(
             text(
-                "SELECT j.id, j.attempts, s.seq, s.kind, "
+                "SELECT j.id, s.seq, s.kind, s.attempt, "
                 "extract(epoch FROM s.created_at - j.created_at), s.latency_s "
                 "FROM jobs j JOIN stages s ON s.job_id = j.id "
-                "WHERE j.id = ANY(:ids) AND j.attempts > 1 ORDER BY j.id, s.seq"
+                "WHERE j.id = ANY(:ids) AND j.id IN "
+                "(SELECT job_id FROM stages WHERE job_id = ANY(:ids) AND attempt > 1) "
+                "ORDER BY j.id, s.seq"
             ),
             {"ids": ids},
         ).all()
     engine.dispose()
-    for job_id, attempts, seq, kind, at, latency in slow[:40]:
+    run.reclaimed = len({job_id for job_id, *_ in again})
+    for job_id, seq, kind, attempt, at, latency in again[:40]:
         print(
-            f"    re-claimed {job_id} (attempts {attempts}): stage {seq} {kind} recorded "
+            f"    started again {job_id}: stage {seq} {kind} (start {attempt}) recorded "
             f"{at:.1f} s after submit, its model call {latency:.2f} s",
             flush=True,
         )
@@ -460,7 +462,7 @@ def report(results) -> None:
             f"  {level} in flight: control plane {stack.control_cpu_s:.1f} CPU s over "
             f"{stack.elapsed_s:.1f} s ({stack.control_cpu_s / stack.elapsed_s:.2f} cores); "
             f"Tandem stopped at {stops}; job latency p50 {statistics.median(lat):.1f} s, "
-            f"max {lat[-1]:.1f} s; {stack.reclaimed} jobs claimed a stage again "
+            f"max {lat[-1]:.1f} s; {stack.reclaimed} jobs had a stage start again "
             f"(redelivery or reconciler); {stack.requests / max(1, stack.jobs):.2f} model "
             "requests per job"
         )

@@ -153,11 +153,11 @@ class Job(Base):
     line: Mapped[int | None] = mapped_column(Integer)  # line number in its batch's input
     custom_id: Mapped[str | None] = mapped_column(String(200))
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    # Claims of this job's stages by workers, all stages together (it only grows).
+    # Starts of this job's stages by workers, all stages together (it only grows).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # Stages claimed but not yet recorded: {"seq": {"attempts": n, "until": epoch seconds}}.
-    # A live lease (heartbeats extend it) turns a duplicate delivery away; `attempts` per
-    # stage is what TANDEM_MAX_STAGE_ATTEMPTS caps.
+    # The leases of the stages granted but not yet recorded, keyed by seq: the fields of
+    # `services.jobs.leases.Lease` (token, attempts, holder, until, ...). A held lease turns
+    # another delivery away; its `attempts` is what TANDEM_MAX_STAGE_ATTEMPTS caps.
     leases: Mapped[dict[str, Any]] = mapped_column(
         JSONType, default=dict, server_default=text("'{}'")
     )
