@@ -2,15 +2,20 @@
 owner's interactive jobs on the same deployment, in one run (issue 16).
 
 Owner A uploads a backlog batch (default 5,000 cheap lines), owner B a 100-line batch just
-after, and owner C submits single jobs at a steady rate meanwhile. Each of the three is
+after, and owner C submits single jobs at a steady rate meanwhile (default 40, one every
+0.5 s, each generating 32 tokens: an answer, not a ping; a 1-token job with a cached prompt
+takes 10 ms and measures only queue hops). Each of the three is
 also measured alone, on the same stack, first. Prints:
 - C's job latency p50 / p99 (server side: created -> finished) mixed, against C's idle p50
   (bar: ratio at most 1.5);
 - B's completion time mixed against B alone, and whether B finished before A (bar);
-- A's throughput (lines/s) mixed against A alone (bar: at least 0.9).
+- A's throughput (lines/s) mixed against A alone (bar: at least 0.9), beside the work B and
+  C add on the same engine (each timed alone): with that work W, A keeps about
+  A / (A + W) of its throughput (a little more, since C's model calls overlap A's queue
+  hops), so the bar needs B and C to add under about 10% of A's work.
 
     .venv/bin/python bench/mixed.py [--a-lines 5000] [--b-lines 100] [--c-jobs 40]
-        [--c-interval 0.5] [--concurrency 8]
+        [--c-interval 0.5] [--c-max-tokens 32] [--concurrency 8]
 
 The stack: the API, one executor worker (the jobs are `slm_only`, one cheap stage each) and
 the reconciler (which runs the batch feeder), on a scratch database and a throwaway Redis,
@@ -27,6 +32,7 @@ import tempfile
 import threading
 import time
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -36,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests import infra
 
 QUESTION = "Tom has 3 apples and buys 4 more. How many apples does he have?"
-CHEAP = {"executor_max_tokens": 1}
+CHEAP = {"executor_max_tokens": 1}  # a backlog line: one token, its prompt cached
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -73,30 +79,52 @@ class Owner:
             time.sleep(0.25)
         return time.monotonic() - started
 
-    def submit(self) -> str:
-        body = {"question": QUESTION, "strategy": "slm_only", "params": CHEAP}
+    def submit(self, max_tokens: int) -> str:
+        params = {"executor_max_tokens": max_tokens}
+        body = {"question": QUESTION, "strategy": "slm_only", "params": params}
         response = self.http.post("/v1/jobs", json=body)
         response.raise_for_status()
         return response.json()["id"]
 
-    def latency(self, job_id: str, timeout: float = 900) -> float:
+    def latency(self, job_id: str, timeout: float = 900) -> Latency:
         deadline = time.monotonic() + timeout
         while True:
             job = self.http.get(f"/v1/jobs/{job_id}").json()
             if job["status"] in FINAL:
-                return float(job["timings"]["total_s"])
+                timings = job["timings"]
+                model = sum(stage["latency_s"] for stage in job["stages"])
+                return Latency(float(timings["total_s"]), float(timings["queued_s"] or 0), model)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not done")
             time.sleep(0.1)
 
 
-def interactive(owner: Owner, jobs: int, interval: float) -> list[float]:
+@dataclass(frozen=True, order=True)
+class Latency:
+    """A job's time, server side: created -> finished, of it created -> started (waiting for
+    a worker), and the model call."""
+
+    total_s: float
+    queued_s: float
+    model_s: float
+
+
+def interactive(owner: Owner, jobs: int, interval: float, max_tokens: int) -> list[Latency]:
     """Submit `jobs` single jobs, one every `interval` seconds; their latencies."""
     ids = []
     for _ in range(jobs):
-        ids.append(owner.submit())
+        ids.append(owner.submit(max_tokens))
         time.sleep(interval)
     return sorted(owner.latency(job_id) for job_id in ids)
+
+
+def describe(latencies: list[Latency]) -> str:
+    p50 = statistics.median
+    return (
+        f"p50 {p50(t.total_s for t in latencies):.2f} s (waiting for a worker "
+        f"{p50(t.queued_s for t in latencies):.2f} s, model call "
+        f"{p50(t.model_s for t in latencies):.2f} s)"
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -140,15 +168,18 @@ def main() -> None:
     parser.add_argument("--b-lines", type=int, default=100)
     parser.add_argument("--c-jobs", type=int, default=40)
     parser.add_argument("--c-interval", type=float, default=0.5, help="seconds between C's jobs")
+    parser.add_argument(
+        "--c-max-tokens", type=int, default=32, help="tokens each of C's jobs generates"
+    )
     parser.add_argument("--concurrency", type=int, default=8, help="executor worker threads")
     args = parser.parse_args()
     with ExitStack() as exits:
         base_url, keys = stack(exits, args.concurrency)
         a, b, c = (Owner(base_url, keys[owner]) for owner in "ABC")
-        c.latency(c.submit())  # warm: the worker loads its model
+        c.latency(c.submit(args.c_max_tokens))  # warm: the worker loads its model
 
-        idle = interactive(c, args.c_jobs, args.c_interval)
-        print(f"C alone: {args.c_jobs} jobs, latency p50 {statistics.median(idle):.2f} s", flush=True)
+        idle = interactive(c, args.c_jobs, args.c_interval, args.c_max_tokens)
+        print(f"C alone: {args.c_jobs} jobs, latency {describe(idle)}", flush=True)
         started = time.monotonic()
         b_alone = b.wait_batch(b.upload(args.b_lines, "b-alone"), started)
         print(f"B alone: {args.b_lines} lines in {b_alone:.1f} s", flush=True)
@@ -164,23 +195,31 @@ def main() -> None:
             target=lambda: b_time.setdefault("s", b.wait_batch(b_batch, started))
         )
         waiter.start()
-        mixed = interactive(c, args.c_jobs, args.c_interval)
+        mixed = interactive(c, args.c_jobs, args.c_interval, args.c_max_tokens)
         a_mixed = a.wait_batch(a_batch, started)
         waiter.join()
 
-    idle_p50, mixed_p50 = statistics.median(idle), statistics.median(mixed)
+    idle_p50 = statistics.median(t.total_s for t in idle)
+    mixed_p50 = statistics.median(t.total_s for t in mixed)
     ratio = mixed_p50 / idle_p50
     a_rate_alone, a_rate_mixed = args.a_lines / a_alone, args.a_lines / a_mixed
     b_first = b_time["s"] < a_mixed
     share = a_rate_mixed / a_rate_alone
     print(f"\nmixed run: A {args.a_lines} lines, B {args.b_lines} lines, C {args.c_jobs} jobs")
     print(
-        f"C latency p50 {mixed_p50:.2f} s, p99 {percentile(mixed, 0.99):.2f} s; idle p50 "
+        f"C latency {describe(mixed)}, p99 {percentile([t.total_s for t in mixed], 0.99):.2f} s;"
+        f" idle p50 "
         f"{idle_p50:.2f} s; ratio {ratio:.2f}   bar <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'}"
     )
     print(
         f"B done in {b_time['s']:.1f} s (alone {b_alone:.1f} s); A done in {a_mixed:.1f} s; "
         f"B before A: {'met' if b_first else 'NOT met'}"
+    )
+    added = b_alone + sum(t.model_s for t in idle)  # B's and C's work, each timed alone
+    print(
+        f"work beside A: B {b_alone:.1f} s + C {sum(t.model_s for t in idle):.1f} s of model "
+        f"calls = {added / a_alone:.0%} of A alone ({a_alone:.1f} s): A's throughput ratio "
+        f"at equal efficiency {a_alone / (a_alone + added):.2f}"
     )
     print(
         f"A throughput {a_rate_mixed:.1f} lines/s (alone {a_rate_alone:.1f}); ratio {share:.2f}"

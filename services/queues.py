@@ -41,6 +41,12 @@ def lane_of(batch_id: str | None, first_step: bool) -> Lane:
     return Lane.BATCH_NEW if first_step else Lane.BATCH
 
 
+def lane_of_queue(queue: str) -> Lane:
+    """The lane a stage queue serves (its name's suffix; a role alone is interactive)."""
+    _, _, suffix = queue.partition(".")
+    return Lane(suffix) if suffix else Lane.INTERACTIVE
+
+
 def role_queues(role: str) -> tuple[str, ...]:
     """A role's queues, highest priority first (what its worker consumes, in this order)."""
     return tuple(queue_name(role, lane) for lane in Lane)

@@ -70,13 +70,13 @@ def calls(monkeypatch) -> Calls:
     counted = Calls()
     real = stage_module.execute
 
-    def execute(seq, step, engines, params, attempt=1, request_id=None):  # type: ignore[no-untyped-def]
+    def execute(seq, step, engines, params, attempt=1, request_id=None, **options):  # type: ignore[no-untyped-def]
         job_id = request_id.split(":")[0]
         with counted._lock:
             counted.count[(job_id, seq)] += 1
         if counted.hook is not None:
             counted.hook(job_id, seq)
-        return real(seq, step, engines, params, attempt=attempt, request_id=request_id)
+        return real(seq, step, engines, params, attempt=attempt, request_id=request_id, **options)
 
     monkeypatch.setattr(stage_module, "execute", execute)
     return counted

@@ -219,3 +219,13 @@ def _finished(url: str, batch_id: str | None = None, ids: list[str] | None = Non
         query = select(Job.id).where(Job.status.in_(("succeeded", "failed", "cancelled")))
         query = query.where(Job.batch_id == batch_id) if batch_id else query.where(Job.id.in_(ids))
         return len(session.scalars(query).all())
+
+
+def test_a_stage_runs_at_its_lanes_priority_on_the_engine() -> None:
+    from services.core.backends.base import Priority
+    from workers.tasks import engine_priority
+
+    assert engine_priority("executor") is Priority.INTERACTIVE
+    assert engine_priority("coordinator.batch") is Priority.BATCH
+    assert engine_priority("classifier.batch-new") is Priority.BATCH
+    assert engine_priority("?") is Priority.INTERACTIVE  # no delivery info: never demoted

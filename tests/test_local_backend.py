@@ -16,6 +16,7 @@ from services.core.backends.base import (
     BackendError,
     GenerationRequest,
     ModelLoadError,
+    Priority,
 )
 from services.core.backends.chat_template import CHATML_TEMPLATE, render_chat
 from services.core.backends.default_model import default_model_path
@@ -209,6 +210,53 @@ def test_abort_by_request_id(backend: LocalBackend) -> None:
     (out,) = results
     assert out.finish_reason == "abort"
     assert 0 < out.usage.generated_tokens < 2000
+
+
+def test_an_interactive_request_steps_alone_beside_batch_ones(backend: LocalBackend) -> None:
+    essay = chat(backend, "Write a very long essay about deserts.")
+    batch = req(essay, max_tokens=2000, request_id="batch-essay", priority=Priority.BATCH)
+    worker = threading.Thread(target=backend.generate, args=(batch,))
+    worker.start()
+    wait_until(lambda: any(s.n_generated > 2 for s in backend._active()))
+    (running,) = backend._active()
+    question = req(chat(backend, QUESTIONS[3]), max_tokens=16)
+    alone = backend.generate(question)  # the batch request paused? compare with its count
+    before = running.n_generated
+    beside = backend.generate(question)
+    after = running.n_generated
+    backend.abort("batch-essay")
+    worker.join(10)
+    assert beside.text == alone.text and beside.usage.generated_tokens == 16
+    # 16 steps of the interactive request; the batch one moved in at most the step that was
+    # under way when it arrived
+    assert after - before <= 1, (before, after)
+    wait_until(lambda: not backend._active())
+
+
+def test_interactive_requests_take_free_slots_first(model_path: Path) -> None:
+    one = LocalBackend(model_path, max_batch=1, n_ctx=1024, n_threads=1)
+    try:
+        occupant = req(chat(one, "Write a very long essay about lakes."), max_tokens=2000)
+        stream = one.stream(occupant)  # holds the only slot
+        next(stream)
+        finished: list[str] = []
+
+        def run(name: str, priority: Priority) -> None:
+            one.generate(req(chat(one, QUESTIONS[0]), max_tokens=4, priority=priority))
+            finished.append(name)
+
+        threads = [threading.Thread(target=run, args=("batch", Priority.BATCH))]
+        threads[0].start()
+        wait_until(lambda: len(one._waiting) == 1)
+        threads.append(threading.Thread(target=run, args=("interactive", Priority.INTERACTIVE)))
+        threads[1].start()
+        wait_until(lambda: len(one._waiting) == 2)
+        stream.close()  # frees the slot: the later, interactive request takes it
+        for thread in threads:
+            thread.join(20)
+        assert finished == ["interactive", "batch"]
+    finally:
+        one.close()
 
 
 def test_many_threads_and_a_failing_request(backend: LocalBackend, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -15,10 +15,12 @@ from typing import Any
 from celery.utils.nodenames import anon_nodename
 from kombu.utils.uuid import uuid
 
+from services.core.backends.base import Priority
 from services.core.engines import Engines
 from services.jobs import Grant, RetryStage, StageContext, StageTask, run_stage
 from services.jobs.heartbeat import Heartbeat
 from services.observability import IN_FLIGHT, RETRIES
+from services.queues import STAGE_QUEUES, Lane, lane_of_queue
 from services.settings import get_settings
 from workers.app import app
 
@@ -54,7 +56,7 @@ def stage(self, job_id: str, seq: int, grant: dict[str, Any] | None = None, **_o
         return
     IN_FLIGHT.labels(queue).inc()
     try:
-        left = run_stage(context(), job_id, seq, parsed)
+        left = run_stage(context(), job_id, seq, parsed, engine_priority(queue))
     except RetryStage as failed:
         RETRIES.labels(queue).inc()
         raise self.retry(
@@ -68,6 +70,13 @@ def stage(self, job_id: str, seq: int, grant: dict[str, Any] | None = None, **_o
     finally:
         IN_FLIGHT.labels(queue).dec()
     enqueue(left)
+
+
+def engine_priority(queue: str) -> Priority:
+    """A stage from the interactive lane runs before batch stages on a shared engine."""
+    if queue in STAGE_QUEUES and lane_of_queue(queue) is not Lane.INTERACTIVE:
+        return Priority.BATCH
+    return Priority.INTERACTIVE
 
 
 def backoff(retries: int) -> float:

@@ -6,7 +6,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from services.core.backends.base import Generation, GenerationRequest, TokenInfo
+from services.core.backends.base import Generation, GenerationRequest, Priority, TokenInfo
 from services.core.cost import generation_tflops, prefill_tflops
 from services.core.engines import Engines
 from services.core.params import JobParams
@@ -22,13 +22,15 @@ def execute(
     params: JobParams,
     attempt: int = 1,
     request_id: str | None = None,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> StageRecord:
     if isinstance(step, Judge):
         return _judge(seq, step, engines, params, attempt)
     backend = engines.backend(step.role)
+    request = _request(step, backend, request_id, priority)
     if step.stop_entropy is not None:
-        return _until_uncertain(seq, step, step.stop_entropy, engines, attempt, request_id)
-    generation = backend.generate(_request(step, backend, request_id))
+        return _until_uncertain(seq, step, request, step.stop_entropy, engines, attempt)
+    generation = backend.generate(request)
     return _generation_record(seq, step, generation, engines, attempt)
 
 
@@ -44,7 +46,9 @@ def execute_group(
         return [future.result() for future in futures]
 
 
-def _request(step: Generate, backend, request_id: str | None) -> GenerationRequest:
+def _request(
+    step: Generate, backend, request_id: str | None, priority: Priority
+) -> GenerationRequest:
     if step.raw_prompt is not None:
         prompt = step.raw_prompt
     else:
@@ -58,6 +62,7 @@ def _request(step: Generate, backend, request_id: str | None) -> GenerationReque
         seed=step.seed,
         top_logprobs=step.top_logprobs,
         request_id=request_id,
+        priority=priority,
     )
 
 
@@ -92,10 +97,10 @@ def _generation_record(
 def _until_uncertain(
     seq: int,
     step: Generate,
+    request: GenerationRequest,
     threshold: float,
     engines: Engines,
     attempt: int,
-    request_id: str | None,
 ) -> StageRecord:
     """Stream a generation and stop before the first token drawn from a distribution whose
     entropy exceeds `threshold`; that token is dropped (finish_reason "entropy").
@@ -105,7 +110,6 @@ def _until_uncertain(
     none are reported as cached. An end-of-sequence token is not yielded, so not counted.
     """
     backend = engines.backend(step.role)
-    request = _request(step, backend, request_id)
     t0 = time.perf_counter()
     kept: list[TokenInfo] = []
     trigger: TokenInfo | None = None

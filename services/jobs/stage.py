@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import func
 
-from services.core.backends.base import BackendError, TransientBackendError
+from services.core.backends.base import BackendError, Priority, TransientBackendError
 from services.core.engines import Engines
 from services.core.execution import execute
 from services.jobs.heartbeat import CANCELLED, LEASE_LOST, TIMEOUT, Heartbeat
@@ -59,11 +59,16 @@ class StageContext:
 
 
 def run_stage(
-    context: StageContext, job_id: str, seq: int, grant: Grant | None
+    context: StageContext,
+    job_id: str,
+    seq: int,
+    grant: Grant | None,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> list[StageTask]:
-    """Run step `seq` of a job if this delivery may (see `start`); returns the tasks left to
-    publish after the recording committed (normally none: they went out before it). Raises
-    RetryStage when the attempt failed and should be tried again."""
+    """Run step `seq` of a job if this delivery may (see `start`), at `priority` on its
+    engine (the lane it came from); returns the tasks left to publish after the recording
+    committed (normally none: they went out before it). Raises RetryStage when the attempt
+    failed and should be tried again."""
     settings = context.settings
     url = settings.database_url
     started = start(
@@ -89,6 +94,7 @@ def run_stage(
                 started.params,
                 attempt=started.attempt,
                 request_id=request_id,
+                priority=priority,
             )
         except Exception as caught:
             error = caught

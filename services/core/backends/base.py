@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Literal, Protocol, runtime_checkable
 
 FinishReason = Literal["stop", "length", "abort"]
+
+
+class Priority(IntEnum):
+    """Which requests an engine serves first when it holds more than one (lower first)."""
+
+    INTERACTIVE = 0  # someone waits for it: a single job, a chat completion
+    BATCH = 1  # offline work, a batch's lines: served while nothing interactive runs
 
 
 class BackendError(RuntimeError):
@@ -47,6 +55,7 @@ class GenerationRequest:
     # selection (restricted next-token choice) and relay's entropy trigger.
     top_logprobs: int = 0
     request_id: str | None = None
+    priority: Priority = Priority.INTERACTIVE
 
 
 @dataclass(frozen=True)

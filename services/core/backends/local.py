@@ -26,6 +26,11 @@ however tokens are grouped; and each sequence has its own KV stream, whose cells
 position order (in a cache shared by all sequences, a token can land in a hole below
 older ones, and attention then sums in another order).
 
+Priority: interactive requests (`GenerationRequest.priority`) take free slots first, and
+while one runs, only interactive sequences step; batch sequences keep their slots and
+caches and resume after (the engine-side half of the queues' lanes: a single job is not
+slowed down by the batch lines batched with it).
+
 Reported logprobs, entropies and top-k alternatives come from the model's raw
 distribution (temperature 1), whatever the sampling temperature.
 
@@ -720,11 +725,15 @@ class LocalBackend:
                 self._finish(seq, "abort")
 
     def _admit(self) -> None:
+        """Give free slots to waiting sequences, interactive ones first (each priority in
+        arrival order). Running sequences are not pre-empted: an interactive one that finds
+        every slot taken waits for the first to free."""
         while self._waiting:
             free = [s for s in self._slots if s.seq is None]
             if not free:
                 return
-            seq = self._waiting.popleft()
+            seq = min(self._waiting, key=lambda s: s.request.priority)  # the first such
+            self._waiting.remove(seq)
             slot = max(free, key=lambda s: (_common_prefix(s.tokens, seq.context), -s.last_used))
             self._attach(seq, slot)
 
@@ -742,9 +751,14 @@ class LocalBackend:
     # ---- planning one step
 
     def _plan(self) -> _Plan:
-        """One token for every decoding sequence, then scoring, then prompt prefill."""
+        """One token for every decoding sequence, then scoring, then prompt prefill; only
+        the sequences of the most urgent priority running step: batch sequences keep their
+        slots and wait while an interactive one runs, so it runs as fast as alone."""
         plan = _Plan()
         active = self._active()
+        if active:
+            urgent = min(seq.request.priority for seq in active)
+            active = [seq for seq in active if seq.request.priority == urgent]
         for seq in active:
             if self._pending(seq) == 1:
                 self._plan_seq(plan, seq, 1)
