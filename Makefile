@@ -24,7 +24,10 @@ install: $(BIN)/tandem
 # Chromium, bubblewrap, iproute2, pgbouncer, kubectl, the docker compose CLI (and Postgres and
 # Redis where neither answers nor is installed); quick when all are there; never fails: where
 # something cannot be installed (not root), the tests that need it skip, naming the script.
+# The torch extra too: the GPU classifier pool's scoring backend is tested on CPU against
+# llama.cpp (torch is pinned to the CPU build; pip takes it from this machine's registry).
 test-deps: install
+	$(BIN)/pip install --quiet -e '.[dev,torch]' || echo "the torch extra did not install: its test skips"
 	PYTHON=$(BIN)/python bash scripts/install_test_deps.sh
 
 run: install
