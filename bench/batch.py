@@ -7,7 +7,8 @@ Prints, for each upload size (default 10,000 and 100,000 lines):
   lines/s, and the two rates within 30% of each other (linear in the size);
 - the API process's peak RSS while ingesting (gunicorn master + worker, sampled from
   /proc every 10 ms) and its growth over the RSS before the upload (memory flat);
-- the feed rate: jobs put on Redis per second by the API's feeder thread afterwards.
+- the feed rate: jobs put on Redis per second afterwards (the API's feeder pass, then the
+  reconciler's), with the lanes' depth limit raised so that everything is fed.
 And embedded (`tandem batch run`'s code): questions/min with one job at a time versus
 TANDEM_LOCAL_MAX_BATCH jobs at once on one loaded, warmed local engine (slm_only,
 --tokens generated tokens each); bar: 2x.
@@ -159,6 +160,9 @@ def ingest_bench(sizes: list[int]) -> list[tuple[int, float, int, int, float, fl
             "TANDEM_DATABASE_URL": db,
             "TANDEM_REDIS_URL": redis_url,
             "TANDEM_MAX_QUEUE_DEPTH": str(4 * max(sizes)),  # room to feed every job
+            # No workers announce their capacity here; the feeder is to feed everything, so
+            # that its rate, not a worker pool's, is what is measured.
+            "TANDEM_FEED_MIN_DEPTH": str(4 * max(sizes)),
             "TANDEM_MAX_BODY_BYTES": str(256 * 1024 * 1024),
         }
         directory = Path(tempfile.mkdtemp(prefix="tandem-bench-batch-"))
@@ -166,6 +170,10 @@ def ingest_bench(sizes: list[int]) -> list[tuple[int, float, int, int, float, fl
         try:
             port = infra.free_port()
             api = processes.api(port)
+            # the API feeds for one pass after an upload; the reconciler's loop feeds the rest
+            processes.start(
+                "reconciler", [str(infra.BIN / "tandem"), "reconcile", "--interval", "5"]
+            )
             client = httpx.Client(
                 base_url=f"http://127.0.0.1:{port}",
                 headers={"Authorization": f"Bearer {_api_key(db)}"},
