@@ -19,7 +19,6 @@ Beats are one transaction per process per tick, committed without waiting for th
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -27,9 +26,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
-
+from services.storage import lease_rows
 from services.storage.db import soft_transaction
+from services.storage.statuses import ACTIVE_JOB_STATUSES
 
 log = logging.getLogger("tandem.heartbeat")
 
@@ -46,6 +45,10 @@ class Watch:
     abort: Callable[[], None]
     started: float = field(default_factory=time.monotonic)
     stopped: str | None = None  # CANCELLED, LEASE_LOST or TIMEOUT once stopped
+
+    @property
+    def stage(self) -> lease_rows.HeldStage:
+        return lease_rows.HeldStage(self.job_id, str(self.seq), self.holder)
 
     def stop(self, reason: str) -> None:
         if self.stopped is None:
@@ -107,65 +110,20 @@ class Heartbeat:
         leases still held one deadline ahead (database clock)."""
         if not watches:
             return
-        rows = [{"id": w.job_id, "seq": str(w.seq), "holder": w.holder} for w in watches]
         with soft_transaction(self.url) as session:
-            held = {
-                (row.id, row.seq): row
-                for row in session.execute(_STATE, {"stages": _json(rows)})
-            }
+            now = lease_rows.held_stages(session, [w.stage for w in watches])
             still = []
             for watch in watches:
-                row = held.get((watch.job_id, str(watch.seq)))
-                if row is None or row.status not in ("queued", "running") or row.cancel_requested:
+                state = now.get((watch.job_id, str(watch.seq)))
+                if (
+                    state is None
+                    or state.status not in ACTIVE_JOB_STATUSES
+                    or state.cancel_requested
+                ):
                     watch.stop(CANCELLED)
-                elif row.holder != watch.holder:
+                elif state.holder != watch.holder:
                     watch.stop(LEASE_LOST)
                 else:
-                    still.append({"id": watch.job_id, "seq": str(watch.seq), "holder": watch.holder})
+                    still.append(watch.stage)
             if extend and still:
-                session.execute(_EXTEND, {"stages": _json(still), "deadline": self.deadline_s})
-
-
-def _json(rows: list[dict[str, str]]) -> str:
-    return json.dumps(rows)
-
-
-# The watched stages' jobs, with the holder of each stage's lease now.
-_STATE = text(
-    """
-    SELECT j.id, s.seq, j.status, j.cancel_requested, j.leases -> s.seq ->> 'holder' AS holder
-    FROM jsonb_to_recordset(CAST(:stages AS jsonb)) AS s(id text, seq text, holder text)
-    JOIN jobs AS j ON j.id = s.id
-    """
-)
-
-# Push each still-held lease's `until` one deadline past the database clock (all of a job's
-# stages in one change: SCoT's drafts run side by side), and the job's updated_at, which
-# tells the reconciler it is alive. Rows are locked in id order, as a batch cancel locks
-# them, so two multi-row updates cannot deadlock.
-_EXTEND = text(
-    """
-    WITH stages AS (
-        SELECT s.id, s.seq, s.holder
-        FROM jsonb_to_recordset(CAST(:stages AS jsonb)) AS s(id text, seq text, holder text)
-    ), locked AS (
-        SELECT j.id, j.leases FROM jobs AS j
-        WHERE j.id IN (SELECT id FROM stages) AND j.status = 'running' AND NOT j.cancel_requested
-        ORDER BY j.id FOR UPDATE
-    ), extended AS (
-        SELECT locked.id, jsonb_object_agg(
-            stages.seq,
-            (locked.leases -> stages.seq) || jsonb_build_object(
-                'until', extract(epoch FROM clock_timestamp()) + CAST(:deadline AS numeric)
-            )
-        ) AS patch
-        FROM locked JOIN stages ON stages.id = locked.id
-        WHERE locked.leases -> stages.seq ->> 'holder' = stages.holder
-        GROUP BY locked.id
-    )
-    UPDATE jobs AS j
-    SET leases = j.leases || extended.patch, updated_at = clock_timestamp()
-    FROM extended
-    WHERE j.id = extended.id
-    """
-)
+                lease_rows.extend(session, still, self.deadline_s)
