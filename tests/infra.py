@@ -12,11 +12,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -177,6 +179,30 @@ def scratch_database(admin_url: str) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def keep_submitting(
+    client: httpx.Client,
+    body: dict[str, Any],
+    stop: threading.Event,
+    results: list[tuple[float, int, float, str, str]],
+    clock: Callable[[], float] = time.monotonic,
+    idempotent: bool = False,
+    every_s: float = 0.25,
+) -> None:
+    """A client submitting `body` as a job every `every_s` seconds until `stop` is set (an
+    outage test's traffic): appends (sent at, status or 0 for no answer, seconds taken,
+    content type, response text) for each; with `idempotent`, each carries a new key."""
+    while not stop.is_set():
+        started = clock()
+        headers = {"Idempotency-Key": uuid.uuid4().hex} if idempotent else {}
+        try:
+            response = client.post("/v1/jobs", json=body, headers=headers)
+            answer = (response.status_code, response.headers.get("content-type", ""), response.text)
+        except httpx.HTTPError as error:
+            answer = (0, "", repr(error))
+        results.append((started, answer[0], clock() - started, answer[1], answer[2]))
+        time.sleep(every_s)
 
 
 def end_unfinished_work(database_url: str, redis_url: str | None) -> None:

@@ -377,22 +377,8 @@ def test_postgres_outage_answers_503_quickly_and_recovers(tmp_path: Path) -> Non
                 headers=dict(services.http.headers),
                 timeout=30,
             ) as client:
-                while not stop.is_set():
-                    started = time.monotonic()
-                    try:
-                        response = client.post(
-                            "/v1/jobs",
-                            json={"question": QUESTION, "strategy": SLM[0], "params": SLM[1]},
-                        )
-                        status, kind, body = (
-                            response.status_code,
-                            response.headers.get("content-type", ""),
-                            response.text,
-                        )
-                    except httpx.HTTPError as error:
-                        status, kind, body = 0, "", repr(error)
-                    results.append((started, status, time.monotonic() - started, kind, body))
-                    time.sleep(0.25)
+                body = {"question": QUESTION, "strategy": SLM[0], "params": SLM[1]}
+                infra.keep_submitting(client, body, stop, results)
 
         thread = threading.Thread(target=submitter, daemon=True)
         thread.start()

@@ -125,6 +125,19 @@ HEADER_TEXT = st.one_of(  # (a header value cannot start with white space nor ho
 )
 
 
+def reproducible(max_examples: int) -> settings:
+    """Hypothesis settings for these API fuzzers: the same examples every run (derandomized,
+    no example database), explicit ones first, no deadline (a request may wait on Postgres)."""
+    return settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        phases=[Phase.explicit, Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+
+
 def _wire(value):
     """A generated value as JSON can carry it from a client library: Python's json writes
     integers up to 4300 digits (longer ones are sent as 4000 digits: still no parameter);
@@ -222,14 +235,7 @@ def test_openapi_fuzz_every_operation_no_server_error(app, keys) -> None:
     }
 
     def fuzz(operation, mode, hooks) -> None:
-        @settings(
-            max_examples=60 if hooks else 30,
-            deadline=None,
-            database=None,
-            derandomize=True,
-            phases=[Phase.explicit, Phase.generate],
-            suppress_health_check=list(HealthCheck),
-        )
+        @reproducible(60 if hooks else 30)
         @given(case=operation.as_strategy(generation_mode=mode, hooks=hooks))
         def run(case) -> None:
             case.headers = {**(case.headers or {}), **headers}  # a valid key: fuzz past auth
@@ -267,14 +273,7 @@ def test_openapi_fuzz_every_operation_no_server_error(app, keys) -> None:
 # --- hostile job requests through the API ---------------------------------------------------
 
 
-@settings(
-    max_examples=150,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
+@reproducible(150)
 @given(data=request_data(), ascii_only=st.booleans())
 def _job_property(client, key: str, data, ascii_only: bool, seen: Counter) -> None:
     body = json_text(data, ascii_only).encode("utf-8", "surrogatepass")
@@ -390,14 +389,7 @@ def batch_line(draw) -> tuple[bytes, str]:
     return json.dumps(bad).encode(), "invalid"
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
+@reproducible(40)
 @given(lines=st.lists(batch_line(), min_size=1, max_size=25), crlf=st.booleans())
 def _batch_property(client, key: str, lines, crlf: bool, seen: Counter) -> None:
     body = (b"\r\n" if crlf else b"\n").join(line for line, _ in lines) + b"\n"
@@ -664,14 +656,7 @@ def engines():
 
 
 @pytest.mark.model
-@settings(
-    max_examples=12,
-    deadline=None,
-    database=None,
-    derandomize=True,
-    phases=[Phase.explicit, Phase.generate],
-    suppress_health_check=list(HealthCheck),
-)
+@reproducible(12)
 @given(
     question=st.one_of(
         storable_text(300).filter(str.strip),

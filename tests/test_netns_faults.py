@@ -35,7 +35,6 @@ import json
 import signal
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -441,24 +440,8 @@ def test_api_cut_off_from_postgres_answers_503_fast_and_recovers(stack: Stack) -
 
     def submitter() -> None:
         with stack.http(timeout=60) as client:
-            while not stop.is_set():
-                started = timeline.now()
-                key = uuid.uuid4().hex
-                try:
-                    response = client.post(
-                        "/v1/jobs",
-                        json={"question": QUESTION, "strategy": SLM[0], "params": SLM[1]},
-                        headers={"Idempotency-Key": key},
-                    )
-                    status, kind, body = (
-                        response.status_code,
-                        response.headers.get("content-type", ""),
-                        response.text,
-                    )
-                except httpx.HTTPError as error:
-                    status, kind, body = 0, "", repr(error)
-                results.append((started, status, timeline.now() - started, kind, body))
-                time.sleep(0.25)
+            body = {"question": QUESTION, "strategy": SLM[0], "params": SLM[1]}
+            infra.keep_submitting(client, body, stop, results, timeline.now, idempotent=True)
 
     thread = threading.Thread(target=submitter, daemon=True)
     thread.start()
