@@ -181,6 +181,20 @@ def scratch_database(admin_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+def query(database_url: str, sql: str, **params: Any) -> list:
+    """Rows of `sql`, read straight from Postgres (the source of truth) on a connection of
+    its own, opened and closed here."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.pool import NullPool
+
+    engine = create_engine(database_url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(text(sql), params))
+    finally:
+        engine.dispose()
+
+
 def keep_submitting(
     client: httpx.Client,
     body: dict[str, Any],

@@ -111,15 +111,7 @@ class Services:
 
     # Postgres, read directly: the source of truth.
     def query(self, sql: str, **params) -> list:
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.pool import NullPool
-
-        engine = create_engine(self.database_url, poolclass=NullPool)
-        try:
-            with engine.connect() as connection:
-                return list(connection.execute(text(sql), params))
-        finally:
-            engine.dispose()
+        return infra.query(self.database_url, sql, **params)
 
     def statuses(self, ids: list[str]) -> dict[str, str]:
         rows = self.query("SELECT id, status FROM jobs WHERE id = ANY(:ids)", ids=ids)

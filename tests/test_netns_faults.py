@@ -73,15 +73,7 @@ class Stack:
         )
 
     def query(self, sql: str, **params) -> list:
-        from sqlalchemy import create_engine, text
-        from sqlalchemy.pool import NullPool
-
-        engine = create_engine(self.database_url, poolclass=NullPool)
-        try:
-            with engine.connect() as connection:
-                return list(connection.execute(text(sql), params))
-        finally:
-            engine.dispose()
+        return infra.query(self.database_url, sql, **params)
 
     def start_worker(self, queue: str) -> None:
         self.hosts["work"].worker(queue, concurrency=4, netns=self.netns["work"])
