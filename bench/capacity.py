@@ -80,7 +80,7 @@ class Run:
     peak_connections: int = 0
     stops: Counter | None = None
     latencies: list[float] | None = None  # each job, submit to finish (stack)
-    reclaimed: int = 0  # jobs with a stage recorded on a second start (redelivery, reconciler)
+    started_again: int = 0  # jobs with a stage recorded on a second start (redelivery, reconciler)
     requests: int = 0  # model requests the simulators served
 
     @property
@@ -237,7 +237,7 @@ def stack_outcome(db_url: str, ids: list[str], run: Run) -> None:
             {"ids": ids},
         ).all()
     engine.dispose()
-    run.reclaimed = len({job_id for job_id, *_ in again})
+    run.started_again = len({job_id for job_id, *_ in again})
     for job_id, seq, kind, attempt, at, latency in again[:40]:
         print(
             f"    started again {job_id}: stage {seq} {kind} (start {attempt}) recorded "
@@ -462,7 +462,7 @@ def report(results) -> None:
             f"  {level} in flight: control plane {stack.control_cpu_s:.1f} CPU s over "
             f"{stack.elapsed_s:.1f} s ({stack.control_cpu_s / stack.elapsed_s:.2f} cores); "
             f"Tandem stopped at {stops}; job latency p50 {statistics.median(lat):.1f} s, "
-            f"max {lat[-1]:.1f} s; {stack.reclaimed} jobs had a stage start again "
+            f"max {lat[-1]:.1f} s; {stack.started_again} jobs had a stage start again "
             f"(redelivery or reconciler); {stack.requests / max(1, stack.jobs):.2f} model "
             "requests per job"
         )

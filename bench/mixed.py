@@ -208,16 +208,16 @@ def main() -> None:
     print(f"\nmixed run: A {args.a_lines} lines, B {args.b_lines} lines, C {args.c_jobs} jobs")
     print(
         f"C latency {describe(mixed)}, p99 {percentile([t.total_s for t in mixed], 0.99):.2f} s;"
-        f" idle p50 "
-        f"{idle_p50:.2f} s; ratio {ratio:.2f}   bar <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'}"
+        f" idle p50 {idle_p50:.2f} s; ratio {ratio:.2f}   bar <= 1.5: {'met' if ratio <= 1.5 else 'NOT met'}"
     )
     print(
         f"B done in {b_time['s']:.1f} s (alone {b_alone:.1f} s); A done in {a_mixed:.1f} s; "
         f"B before A: {'met' if b_first else 'NOT met'}"
     )
-    added = b_alone + sum(t.model_s for t in idle)  # B's and C's work, each timed alone
+    c_work = sum(t.model_s for t in idle)
+    added = b_alone + c_work  # B's and C's work, each timed alone
     print(
-        f"work beside A: B {b_alone:.1f} s + C {sum(t.model_s for t in idle):.1f} s of model "
+        f"work beside A: B {b_alone:.1f} s + C {c_work:.1f} s of model "
         f"calls = {added / a_alone:.0%} of A alone ({a_alone:.1f} s): A's throughput ratio "
         f"at equal efficiency {a_alone / (a_alone + added):.2f}"
     )
