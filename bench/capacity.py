@@ -44,9 +44,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import simulated
 from tests import infra
 
-BENCH = Path(__file__).resolve().parent
 QUESTIONS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?",
     "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
@@ -54,18 +54,7 @@ QUESTIONS = [
     "James writes a 3-page letter to 2 different friends twice a week. How many pages does he write a year?",
 ]
 TAG = re.compile(r"\[job (\w+)\]")
-# An R1-style template of our own (the generation prompt opens a think block); the
-# simulators announce model ids that are looked up in a hub cache holding it.
-TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}"
-    "{% elif m['role'] == 'user' %}<|User|>{{ m['content'] }}"
-    "{% else %}<|Assistant|>{{ m['content'] }}<|end|>{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|Assistant|><think>\n{% endif %}"
-)
-MODELS = {
-    "coordinator": ("sim/R1-Distill-Qwen-32B", "32b-h200", 32_763_876_352, "600:2400"),
-    "executor": ("sim/R1-Distill-Qwen-7B", "7b-h100", 7_615_616_512, "150:450"),
-}
+MODELS = {"coordinator": simulated.COORDINATOR_32B, "executor": simulated.EXECUTOR_7B}
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
@@ -294,16 +283,6 @@ async def run_direct(
 # --- setup ------------------------------------------------------------------------------
 
 
-def hub_cache(root: Path) -> Path:
-    for model, *_ in MODELS.values():
-        snapshot = root / f"models--{model.replace('/', '--')}" / "snapshots" / "0"
-        snapshot.mkdir(parents=True)
-        (snapshot / "tokenizer_config.json").write_text(
-            json.dumps({"chat_template": TEMPLATE, "bos_token": "<s>", "eos_token": "<|end|>"})
-        )
-    return root
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--levels", default="16,64,256", help="jobs in flight, comma-separated")
@@ -325,8 +304,9 @@ def main() -> None:
     }
     work = Path(tempfile.mkdtemp(prefix="tandem-capacity-"))
     print(
-        f"capacity at GPU speed (simulated servers: coordinator {MODELS['coordinator'][1]}, "
-        f"executor {MODELS['executor'][1]}); Tandem jobs, budgets {params['budgets']}, "
+        f"capacity at GPU speed (simulated servers: coordinator "
+        f"{MODELS['coordinator'].profile}, executor {MODELS['executor'].profile}); "
+        f"Tandem jobs, budgets {params['budgets']}, "
         f"executor max {params['executor_max_tokens']} tokens; workers --pool threads "
         f"--concurrency {concurrency}; logs in {work}",
         flush=True,
@@ -340,34 +320,19 @@ def main() -> None:
 
             upgrade(db)
             database = db.rsplit("/", 1)[1]
-            hub = hub_cache(work / "hub")
             env = {
                 "TANDEM_DATABASE_URL": db,
                 "TANDEM_REDIS_URL": redis_url,
                 "TANDEM_LOG_LEVEL": "WARNING",
                 "TANDEM_MAX_ACTIVE_JOBS": "0",
                 "TANDEM_RATE_LIMIT_PER_MINUTE": "0",
-                "HF_HUB_CACHE": str(hub),
             }
             processes = infra.Processes(env, work)
             try:
-                for role, (model, profile, n_params, natural) in MODELS.items():
-                    port = infra.free_port()
-                    sims[role] = processes.start(
-                        f"sim-{role}",
-                        [sys.executable, str(BENCH / "sim_server.py"), "--port", str(port),
-                         "--profile", profile, "--model-path", model, "--natural-tokens",
-                         natural, "--add-bos", "--record"],
-                    )  # fmt: skip
-                    sim_urls[role] = f"http://127.0.0.1:{port}"
-                    infra.wait_for(
-                        lambda u=sim_urls[role]: httpx.get(f"{u}/health").status_code == 200,
-                        30,
-                        f"the {role} simulator",
+                for role, model in MODELS.items():
+                    sims[role], sim_urls[role] = simulated.serve(
+                        processes, role, model, work / "hub", "--record"
                     )
-                    processes.env[f"TANDEM_{role.upper()}_BACKEND"] = "sglang"
-                    processes.env[f"TANDEM_{role.upper()}_URL"] = sim_urls[role]
-                    processes.env[f"TANDEM_{role.upper()}_PARAMS"] = str(n_params)
                 for queue in ("coordinator", "classifier", "executor"):
                     processes.worker(queue, concurrency=concurrency)
                 api_port = infra.free_port()

@@ -15,7 +15,11 @@ The timing model (one engine loop, one asyncio task):
   to the step it joins (prefill; its first token comes out of that step);
 - the prefix cache (like SGLang's radix cache) matches a prompt by its longest cached
   prefix in blocks of 16 tokens; finished sequences (prompt and output) are cached, least
-  recently used blocks are evicted beyond `cache_tokens`.
+  recently used blocks are evicted beyond `cache_tokens`;
+- with `--enable-priority-scheduling` (SGLang's flag), waiting requests are admitted by
+  their `priority` field, higher values first (SGLang's default direction), then in
+  arrival order; without it the field is ignored, as SGLang ignores it. Pre-emption of
+  running requests is not simulated.
 Profiles (`--profile`) hold `a`, `c`, `p` and `capacity` derived from published SGLang
 figures for one H100/H200 (docs/deploy.md, "Capacity", cites them); each can be overridden.
 
@@ -47,7 +51,7 @@ import json
 import random
 import re
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -190,6 +194,7 @@ class Sequence:
     produced: int = 0
     aborted: bool = False
     admitted_at: float = 0.0
+    priority: int = 0
 
 
 @dataclass
@@ -212,12 +217,15 @@ class Engine:
     """The continuous-batching loop: admits waiting sequences at step boundaries and
     advances all running ones one token per step."""
 
-    def __init__(self, profile: Profile) -> None:
+    def __init__(self, profile: Profile, by_priority: bool = False) -> None:
         self.profile = profile
+        self.by_priority = by_priority
         self.cache = PrefixCache(profile.cache_tokens)
         self.running: dict[int, tuple[Sequence, int]] = {}  # id -> (seq, finish step)
         self.streaming: set[Sequence] = set()
-        self.waiting: deque[tuple[Sequence, float]] = deque()
+        # a heap of (-priority or 0, arrival number, arrival time, seq): admission order
+        self.waiting: list[tuple[int, int, float, Sequence]] = []
+        self._arrivals = itertools.count()
         self.by_rid: dict[str, Sequence] = {}
         self._finish_heap: list[tuple[int, int]] = []  # (finish step, id)
         self._ids = itertools.count()
@@ -232,7 +240,8 @@ class Engine:
     def submit(self, seq: Sequence) -> None:
         seq.done = asyncio.get_running_loop().create_future()
         self.by_rid[seq.rid] = seq
-        self.waiting.append((seq, time.monotonic()))
+        rank = -seq.priority if self.by_priority else 0
+        heapq.heappush(self.waiting, (rank, next(self._arrivals), time.monotonic(), seq))
         self.stats.requests += 1
         self.stats.max_waiting = max(self.stats.max_waiting, len(self.waiting))
         self._wake.set()
@@ -242,7 +251,8 @@ class Engine:
         if seq is None or seq.aborted:
             return False
         seq.aborted = True
-        self.waiting = deque((s, t) for s, t in self.waiting if s is not seq)
+        self.waiting = [entry for entry in self.waiting if entry[3] is not seq]
+        heapq.heapify(self.waiting)
         for key, (running, _) in list(self.running.items()):
             if running is seq:
                 del self.running[key]  # its heap entry is dropped when it comes up
@@ -300,7 +310,7 @@ class Engine:
         prefill = 0
         now = time.monotonic()
         while self.waiting and len(self.running) < self.profile.capacity:
-            seq, arrived = self.waiting.popleft()
+            _, _, arrived, seq = heapq.heappop(self.waiting)
             seq.cached = self.cache.match(seq.prompt_tokens)
             prefill += len(seq.prompt_tokens) - seq.cached
             self.stats.prompt_tokens += len(seq.prompt_tokens)
@@ -345,6 +355,7 @@ class Options:
     natural_max: int
     add_bos: bool
     record: bool
+    priority_scheduling: bool = False
 
 
 class Problem(Exception):
@@ -354,7 +365,7 @@ class Problem(Exception):
 
 
 def build_app(options: Options) -> Starlette:
-    engine = Engine(options.profile)
+    engine = Engine(options.profile, options.priority_scheduling)
     vocab = Vocabulary("<s>" if options.add_bos else None)
     log: list[dict[str, Any]] = []
     rids = itertools.count()
@@ -390,7 +401,10 @@ def build_app(options: Options) -> Starlette:
         output = [" " + rng.choice(WORDS) for _ in range(n)]
         finish = "stop" if natural < max_tokens else "length"
         rid = str(body.get("rid") or f"sim-{next(rids)}")
-        seq = Sequence(rid, tokens, output, finish)
+        priority = body.get("priority", 0)
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise Problem(400, "priority must be an integer")
+        seq = Sequence(rid, tokens, output, finish, priority=priority)
         return seq, {"stop": stop, "logprobs": body.get("logprobs"), "echo": body.get("echo")}
 
     async def completions(request: Request) -> Response:
@@ -626,6 +640,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--natural-tokens", type=_range, default=(64, 1024), metavar="MIN:MAX")
     parser.add_argument("--add-bos", action="store_true", help="the tokenizer adds a BOS token")
     parser.add_argument("--record", action="store_true", help="keep request bodies for /sim/log")
+    parser.add_argument(
+        "--enable-priority-scheduling",
+        action="store_true",
+        help="admit waiting requests by their priority field, higher first (as SGLang)",
+    )
     return parser.parse_args(argv)
 
 
@@ -653,6 +672,7 @@ def options_from(args: argparse.Namespace) -> Options:
         natural_max=args.natural_tokens[1],
         add_bos=args.add_bos,
         record=args.record,
+        priority_scheduling=args.enable_priority_scheduling,
     )
 
 

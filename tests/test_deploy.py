@@ -432,6 +432,8 @@ def test_model_pods_carry_their_sglang_server(overlay, role):
     sglang = sidecars[0]
     argv = _argv(sglang, docs)
     assert "sglang.launch_server" in argv and "--enable-metrics" in argv
+    assert "--enable-priority-scheduling" in argv  # our lanes' priority, higher first
+    assert "--schedule-low-priority-values-first" not in argv
     assert _option(argv, "--port") == "30000"
     model = values[f"{R}_MODEL_ID"]
     # Weights from the model cache; served under the model's id, which the worker asks for.
@@ -1323,6 +1325,9 @@ def test_compose_gpu_stack_replaces_the_cpu_workers():
         server = services[f"sglang-{role}"]
         argv = _command(server)
         assert "sglang.launch_server" in argv and "--enable-metrics" in argv
+        # our requests' priority (SGLANG_PRIORITY) is read, higher values first
+        assert "--enable-priority-scheduling" in argv
+        assert "--schedule-low-priority-values-first" not in argv
         model = _option(argv, "--served-model-name")
         assert _option(argv, "--model-path") == f"/models/{model}"
         assert _option(argv, "--api-key")

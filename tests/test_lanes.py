@@ -141,6 +141,35 @@ def test_a_worker_killed_with_both_lanes_busy_loses_nothing(stack: Stack, servic
     assert len(stages) == 50 and len(set(stages)) == 50  # one stage each, never twice
 
 
+@pytest.mark.slow
+def test_a_model_server_is_sent_each_stages_lane_priority(stack: Stack, service_env, tmp_path):
+    """End to end against a SIMULATED SGLang server (bench/sim_server.py: a stand-in, as no
+    GPU model server runs here): the executor's requests for batch lines carry SGLang
+    priority 0, a single job's 100 (services/core/backends/openai_http.SGLANG_PRIORITY)."""
+    from bench import simulated
+
+    url = service_env["TANDEM_DATABASE_URL"]
+    _, sim = simulated.serve(
+        stack.processes, "executor", simulated.EXECUTOR_7B, tmp_path / "hub", "--record"
+    )
+    stack.processes.worker("executor", concurrency=4)
+    batch = stack.upload("lane-a", 3, "p")
+    single = stack.submit("lane-c")["id"]
+    wait_until(
+        lambda: _finished(url, batch_id=batch["id"]) == 3 and _finished(url, ids=[single]) == 1,
+        120,
+    )
+    with transaction(url) as session:
+        batch_ids = set(session.scalars(select(Job.id).where(Job.batch_id == batch["id"])))
+    log = httpx.get(f"{sim}/sim/log").json()
+    sent = {
+        entry["body"]["rid"].split(":")[0]: entry["body"]["priority"]
+        for entry in log
+        if entry["path"] == "/v1/completions"
+    }
+    assert sent == {single: 100, **dict.fromkeys(batch_ids, 0)}
+
+
 def test_owners_batches_are_fed_in_turns(in_process_settings, keys) -> None:
     """The feeder gives each owner an equal share of the room: a small batch uploaded after
     a big one is fed alongside it, not behind it; within one owner, batches keep order."""

@@ -212,24 +212,53 @@ def test_abort_by_request_id(backend: LocalBackend) -> None:
     assert 0 < out.usage.generated_tokens < 2000
 
 
-def test_an_interactive_request_steps_alone_beside_batch_ones(backend: LocalBackend) -> None:
-    essay = chat(backend, "Write a very long essay about deserts.")
-    batch = req(essay, max_tokens=2000, request_id="batch-essay", priority=Priority.BATCH)
-    worker = threading.Thread(target=backend.generate, args=(batch,))
-    worker.start()
-    wait_until(lambda: any(s.n_generated > 2 for s in backend._active()))
-    (running,) = backend._active()
+@pytest.mark.parametrize("cap", [1, 2])
+def test_batch_sequences_share_an_interactive_requests_steps_up_to_the_cap(
+    backend: LocalBackend, monkeypatch, cap: int  # type: ignore[no-untyped-def]
+) -> None:
+    """Three batch sequences decode; an interactive request arrives. While it runs, every
+    step carries at most `cap` tokens, its own token among them; batch sequences take the
+    rest in turn (cap 1: they wait), and its output is what it is alone."""
     question = req(chat(backend, QUESTIONS[3]), max_tokens=16)
-    alone = backend.generate(question)  # the batch request paused? compare with its count
-    before = running.n_generated
+    alone = backend.generate(question)
+    monkeypatch.setattr(backend, "interactive_step_tokens", cap)
+    workers = []
+    for i, topic in enumerate(["deserts", "rivers", "bees"]):
+        essay = req(
+            chat(backend, f"Write a very long essay about {topic}."),
+            max_tokens=2000,
+            request_id=f"batch-{i}",
+            priority=Priority.BATCH,
+        )
+        workers.append(threading.Thread(target=backend.generate, args=(essay,)))
+        workers[-1].start()
+    wait_until(lambda: sum(s.n_generated > 2 for s in backend._active()) == 3)
+    batch_ids = [s.slot.seq_id for s in backend._active()]
+    steps: list[tuple[list[int], int]] = []  # while it runs: each step's seq ids, its own
+    real_decode = backend._llama.decode
+
+    def decode(tokens, pos, seq, out):  # type: ignore[no-untyped-def]
+        (own,) = [s.slot.seq_id for s in backend._active() if not s.request.priority] or [-1]
+        if own >= 0:
+            steps.append((seq.tolist(), own))
+        return real_decode(tokens, pos, seq, out)
+
+    monkeypatch.setattr(backend._llama, "decode", decode)
     beside = backend.generate(question)
-    after = running.n_generated
-    backend.abort("batch-essay")
-    worker.join(10)
+    for i in range(3):
+        backend.abort(f"batch-{i}")
+    for worker in workers:
+        worker.join(10)
     assert beside.text == alone.text and beside.usage.generated_tokens == 16
-    # 16 steps of the interactive request; the batch one moved in at most the step that was
-    # under way when it arrived
-    assert after - before <= 1, (before, after)
+    for ids, own in steps:
+        mine = ids.count(own)
+        assert mine >= 1 and len(ids) - mine <= max(0, cap - mine), (ids, own)
+    fed = [sum(ids.count(b) for ids, _ in steps) for b in batch_ids]
+    decoding = sum(ids.count(own) == 1 for ids, own in steps)  # its 1-token steps
+    assert decoding >= 15
+    # cap 1: the batch ones wait; cap 2: one batch token per decoding step, in turn
+    assert sum(fed) == (cap - 1) * decoding, (fed, decoding)
+    assert max(fed) - min(fed) <= 1, fed
     wait_until(lambda: not backend._active())
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.core.backends.base import BackendError, GenerationRequest
+from services.core.backends.base import BackendError, GenerationRequest, Priority
 from services.core.backends.openai_http import OpenAIHTTPBackend
 from tests.llama_server import SimServer
 
@@ -135,6 +136,49 @@ def test_capacity_queues_the_rest(sim, backend) -> None:
     s = stats(sim)
     assert s["max_running"] == 4 and s["steps"] >= 20 and s["queue_wait_s"] > 0
     assert wall >= 2 * 10 * (0.020 + 4 * 0.002) * 0.95
+
+
+@pytest.mark.parametrize("by_priority", [True, False])
+def test_the_backend_sends_sglang_its_priority(by_priority: bool) -> None:
+    """One slot, taken; a batch request, then an interactive one, wait for it. A server
+    scheduling by priority (SGLang's --enable-priority-scheduling, here the simulator's)
+    admits the interactive one first; without the flag, arrival order."""
+    flag = ["--enable-priority-scheduling"] if by_priority else []
+    with (
+        SimServer(*TIMING, "--capacity", "1", "--record", *flag) as sim,
+        OpenAIHTTPBackend(sim.url, n_params=1, chat_template="x") as backend,
+    ):
+        finished: list[str] = []
+
+        def run(name: str, max_tokens: int, priority: Priority) -> threading.Thread:
+            request = GenerationRequest(prompt=name, max_tokens=max_tokens, priority=priority)
+            thread = threading.Thread(
+                target=lambda: (backend.generate(request), finished.append(name))
+            )
+            thread.start()
+            return thread
+
+        def until(waiting: int, running: int = 1) -> None:
+            deadline = time.monotonic() + 10
+            while (stats(sim)["waiting"], stats(sim)["running"]) != (waiting, running):
+                assert time.monotonic() < deadline, stats(sim)
+                time.sleep(0.01)
+
+        threads = [run("occupant", 40, Priority.BATCH)]
+        until(waiting=0)
+        threads.append(run("batch", 2, Priority.BATCH))
+        until(waiting=1)
+        threads.append(run("interactive", 2, Priority.INTERACTIVE))
+        until(waiting=2)
+        for thread in threads:
+            thread.join(20)
+        sent = {
+            e["body"]["prompt"]: e["body"]["priority"]
+            for e in httpx.get(f"{sim.url}/sim/log").json()
+        }
+    assert sent == {"occupant": 0, "batch": 0, "interactive": 100}
+    expected = ["interactive", "batch"] if by_priority else ["batch", "interactive"]
+    assert finished == ["occupant", *expected]
 
 
 def test_prefix_cache(backend) -> None:

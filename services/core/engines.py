@@ -71,6 +71,7 @@ class Engines:
                 n_threads=self.settings.local_threads,
                 max_batch=self.settings.local_max_batch,
                 n_ctx=self.settings.local_context,
+                interactive_step_tokens=self.settings.local_interactive_step_tokens,
                 name="SmolLM2-135M-Instruct" if model.model == "default" else path.stem,
             )
         # "sglang" names the server a deployment runs; what this process needs is its

@@ -27,9 +27,11 @@ position order (in a cache shared by all sequences, a token can land in a hole b
 older ones, and attention then sums in another order).
 
 Priority: interactive requests (`GenerationRequest.priority`) take free slots first, and
-while one runs, only interactive sequences step; batch sequences keep their slots and
-caches and resume after (the engine-side half of the queues' lanes: a single job is not
-slowed down by the batch lines batched with it).
+while one runs, a step carries at most `interactive_step_tokens` tokens: the interactive
+sequences' own first, then batch sequences' in what is left (least recently stepped
+first). On CPU a step of a few tokens costs about what one token does, so batch work goes
+on nearly free, while a full step of batch tokens beside an interactive request would
+slow it several times over (the engine-side half of the queues' lanes).
 
 Reported logprobs, entropies and top-k alternatives come from the model's raw
 distribution (temperature 1), whatever the sampling temperature.
@@ -80,6 +82,10 @@ logger = logging.getLogger(__name__)
 # into steps gives bit-identical logits: batching, chunked prefill and the prefix cache
 # then change nothing. The price is slower prefill of long prompts.
 EXACT_STEP_TOKENS = 63
+# While an interactive request runs, a step carries at most this many tokens (its own
+# first; batch sequences fill the rest). Measured on SmolLM2-135M, one thread: see
+# docs/batches.md ("Engine priority").
+INTERACTIVE_STEP_TOKENS = 1
 # KV cache cells in 8-bit: half the memory of f16 (0.9 GB instead of 1.7 at the defaults)
 # and a context that allocates twice as fast. Not less accurate here: against an f32
 # cache, q8_0 and f16 caches differ by the same ~0.004 nats of KL per token on SmolLM2,
@@ -361,6 +367,7 @@ class _Seq:
     slot: _Slot | None = None
     cached: int | None = None  # prompt tokens reused from a slot on first admission
     n_generated: int = 0
+    last_step: int = -1  # the engine step that last fed this sequence (fair sharing)
     text: str = ""
     infos: list[TokenInfo] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # char offset of each info's text
@@ -472,13 +479,18 @@ class LocalBackend:
         n_ctx: int = 4096,
         name: str | None = None,
         step_tokens: int = EXACT_STEP_TOKENS,
+        interactive_step_tokens: int = INTERACTIVE_STEP_TOKENS,
     ) -> None:
         """Load `model_path` (GGUF). `n_threads=0`: one per CPU. `max_batch`: sequences
         decoded together (more wait in a queue). `n_ctx`: context of each sequence
         (prompt + generated tokens). `step_tokens`: most tokens per decode call; above
-        EXACT_STEP_TOKENS prefill is ~1.6x faster but outputs then depend on batching."""
+        EXACT_STEP_TOKENS prefill is ~1.6x faster but outputs then depend on batching.
+        `interactive_step_tokens`: most tokens per step while an interactive request runs
+        (1: batch sequences wait until it ends)."""
         if max_batch < 1 or step_tokens <= max_batch:
             raise ValueError("need max_batch >= 1 and step_tokens > max_batch")
+        if not 1 <= interactive_step_tokens <= step_tokens:
+            raise ValueError("need 1 <= interactive_step_tokens <= step_tokens")
         path = Path(model_path).expanduser()
         self.model_path = path
         self.model_name = name or path.stem
@@ -486,6 +498,8 @@ class LocalBackend:
         self.n_threads = n_threads or os.cpu_count() or 1
         t0 = time.perf_counter()
         self.step_tokens = step_tokens
+        self.interactive_step_tokens = interactive_step_tokens
+        self._steps = 0
         self._llama = _Llama(path, self.n_threads, n_ctx, max_batch + 1, step_tokens)
         self.load_s = time.perf_counter() - t0
         self._n_params = int(llama_cpp.llama_model_n_params(self._llama.model))
@@ -690,6 +704,7 @@ class LocalBackend:
     def _step(self) -> None:
         self._reap_aborted()
         self._admit()
+        self._steps += 1
         plan = self._plan()
         if not plan.tokens:
             return
@@ -751,24 +766,42 @@ class LocalBackend:
     # ---- planning one step
 
     def _plan(self) -> _Plan:
-        """One token for every decoding sequence, then scoring, then prompt prefill; only
-        the sequences of the most urgent priority running step: batch sequences keep their
-        slots and wait while an interactive one runs, so it runs as fast as alone."""
+        """One token for every decoding sequence, then scoring, then prompt prefill, for
+        the sequences of the most urgent priority running. Less urgent ones share the step
+        only up to `interactive_step_tokens`, so the urgent run about as fast as alone."""
         plan = _Plan()
         active = self._active()
-        if active:
-            urgent = min(seq.request.priority for seq in active)
-            active = [seq for seq in active if seq.request.priority == urgent]
-        for seq in active:
-            if self._pending(seq) == 1:
-                self._plan_seq(plan, seq, 1)
+        urgent = min((seq.request.priority for seq in active), default=None)
+        first = [seq for seq in active if seq.request.priority == urgent]
+        rest = sorted(
+            (seq for seq in active if seq.request.priority != urgent),
+            key=lambda seq: (seq.request.priority, seq.last_step),
+        )
+        self._plan_decoding(plan, first, self.step_tokens)
         budget = self._plan_score(plan, self.step_tokens - len(plan.tokens))
-        for seq in active:
+        self._plan_prefill(plan, first, budget)
+        if rest:
+            budget = self.interactive_step_tokens - len(plan.tokens)
+            budget -= self._plan_decoding(plan, rest, budget)
+            self._plan_prefill(plan, rest, budget)
+        return plan
+
+    def _plan_decoding(self, plan: _Plan, seqs: list[_Seq], budget: int) -> int:
+        """The next token of each sequence past its prompt, within `budget`; tokens used."""
+        used = 0
+        for seq in seqs:
+            if used >= budget:
+                break
+            if self._pending(seq) == 1:
+                used += self._plan_seq(plan, seq, 1)
+        return used
+
+    def _plan_prefill(self, plan: _Plan, seqs: list[_Seq], budget: int) -> None:
+        for seq in seqs:
             if budget <= 0:
                 break
             if self._pending(seq) > 1:
                 budget -= self._plan_seq(plan, seq, budget)
-        return plan
 
     @staticmethod
     def _pending(seq: _Seq) -> int:
@@ -787,6 +820,7 @@ class LocalBackend:
             plan.sample.append((seq, len(plan.tokens) + n - 1))
         plan.add(seq.context[start : start + n], start, slot.seq_id, [0] * (n - 1) + [int(last)])
         plan.fed.append((slot, n))
+        seq.last_step = self._steps
         return n
 
     def _plan_score(self, plan: _Plan, budget: int) -> int:

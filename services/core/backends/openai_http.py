@@ -37,6 +37,7 @@ from services.core.backends.base import (
     FinishReason,
     Generation,
     GenerationRequest,
+    Priority,
     Scoring,
     TokenInfo,
     TransientBackendError,
@@ -65,6 +66,12 @@ _POOL_SIZE = 256  # HTTP connections and generate_many threads
 _BACKOFF_BASE_S = 0.2
 _BACKOFF_CAP_S = 5.0
 _ABORT_TIMEOUT_S = 5.0
+# SGLang's request `priority`, read when the server runs with --enable-priority-scheduling
+# (higher values first, its default direction; a gap over its pre-emption threshold, 10,
+# lets an interactive request displace running batch ones when every slot is taken), and
+# ignored otherwise. Sent to SGLang only: vLLM refuses a priority unless it was started
+# with --scheduling-policy priority, and orders the other way.
+SGLANG_PRIORITY = {Priority.INTERACTIVE: 100, Priority.BATCH: 0}
 _FINISH: dict[str, FinishReason] = {
     "stop": "stop",
     "eos": "stop",
@@ -510,6 +517,8 @@ class OpenAIHTTPBackend:
             payload["logprobs"] = request.top_logprobs
         if request.request_id is not None:
             payload["rid"] = request.request_id  # SGLang's id, for /abort_request
+        if self._server().kind == "sglang":
+            payload["priority"] = SGLANG_PRIORITY[request.priority]
         return payload
 
     def _token_infos(
