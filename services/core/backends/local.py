@@ -29,9 +29,10 @@ older ones, and attention then sums in another order).
 Priority: interactive requests (`GenerationRequest.priority`) take free slots first, and
 while one runs, a step carries at most `interactive_step_tokens` tokens: the interactive
 sequences' own first, then batch sequences' in what is left (least recently stepped
-first). On CPU a step of a few tokens costs about what one token does, so batch work goes
-on nearly free, while a full step of batch tokens beside an interactive request would
-slow it several times over (the engine-side half of the queues' lanes).
+first). On CPU every token in a step costs time (measured: a step of 2 tokens takes twice
+one), so the default, 1, makes batch sequences wait, keeping their slots and caches; a
+larger cap trades interactive latency for batch throughput (`bench/priority.py`). This is
+the engine-side half of the queues' lanes.
 
 Reported logprobs, entropies and top-k alternatives come from the model's raw
 distribution (temperature 1), whatever the sampling temperature.
