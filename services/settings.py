@@ -96,7 +96,8 @@ class Settings(BaseSettings):
     local_threads: int = Field(default=0, ge=0)  # 0: one per core
     local_max_batch: int = Field(default=16, ge=1, le=256)
     local_context: int = Field(default=4096, ge=512)  # per sequence
-    # most tokens per engine step while an interactive request runs (1: batch sequences wait)
+    # most tokens per engine step while an interactive request runs (1: batch sequences wait);
+    # default and bound are local.py's INTERACTIVE_STEP_TOKENS and EXACT_STEP_TOKENS
     local_interactive_step_tokens: int = Field(default=1, ge=1, le=63)
     # auto: Q4_1/Q5_1 files run as a cached Q8_0 copy (batches 1.5x+ faster, near-lossless)
     local_weights: Literal["auto", "q8_0", "as-is"] = "auto"

@@ -262,6 +262,14 @@ def test_batch_sequences_share_an_interactive_requests_steps_up_to_the_cap(
     wait_until(lambda: not backend._active())
 
 
+def test_the_step_cap_setting_matches_the_engine() -> None:
+    from services.settings import Settings
+
+    field = Settings.model_fields["local_interactive_step_tokens"]
+    assert field.default == local_mod.INTERACTIVE_STEP_TOKENS
+    assert max(m.le for m in field.metadata if hasattr(m, "le")) == local_mod.EXACT_STEP_TOKENS
+
+
 def test_interactive_requests_take_free_slots_first(model_path: Path) -> None:
     one = LocalBackend(model_path, max_batch=1, n_ctx=1024, n_threads=1)
     try:
